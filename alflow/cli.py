@@ -1,0 +1,58 @@
+"""The ``alflow`` command: a thin dispatcher over ``alflow.commands.*``.
+
+Each subcommand is a module in ``alflow/commands`` with ``add_arguments(parser)``
+and ``run(args) -> int``. Modules are imported only when their command runs, so
+``alflow --help`` stays fast. To add a command, add one row to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module under alflow.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("validate", "check a run configuration (YAML) and report every error with its field path"),
+    "schema": ("schema", "print the JSON schema of the run configuration (for editors)"),
+    "data": ("data", "inspect and import labelled datasets (summary, import, export, split, e0)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from alflow import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="alflow",
+        description="Active learning of machine-learned interatomic potentials for periodic materials.",
+    )
+    parser.add_argument("--version", action="version", version=f"alflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv)  # prints help / errors for unknown commands
+        parser.print_help()
+        return 0 if not argv else 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(f"alflow.commands.{module_name}")
+    sub = argparse.ArgumentParser(prog=f"alflow {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Run configuration: one YAML file describes a whole active-learning run.
+
+YAML is parsed only here. Every model forbids unknown keys, so a typo is an
+error, and every field has a default where one makes sense, so a minimal
+config is ``name`` plus ``system.build``. Units are ASE's: Å, eV, eV/Å, fs,
+K and GPa for pressures. Relative paths are resolved against the directory of
+the config file (``config_from_dict``: ``base_dir``, default the working dir).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
+BUILTIN_ORACLES = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
+Ensemble = Literal["nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso", "pimd"]
+ASE_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso"})
+IPI_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "npt-iso", "npt-aniso", "pimd"})  # no Nose-Hoover in i-PI
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_REPR_MAX = 80
+
+
+class ConfigError(ValueError):
+    """An unreadable or invalid configuration; ``errors`` holds one line per problem."""
+
+    def __init__(self, message: str, errors: list[str] | None = None, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
+        self.path = path
+
+
+@functools.lru_cache(maxsize=1)
+def known_architectures() -> tuple[str, ...]:
+    """Names accepted by ``potential.architecture``: ``potentials.available()`` or a static fallback."""
+    try:
+        import potentials
+
+        names = tuple(str(n).lower() for n in potentials.available())
+        return names or FALLBACK_ARCHITECTURES
+    except Exception:  # noqa: BLE001 - the registry is optional at validation time
+        return FALLBACK_ARCHITECTURES
+
+
+def _fail(message: str, *subloc: str | int, got: Any) -> PydanticCustomError:
+    """An error located ``subloc`` below the model that raises it (see ``_format_errors``)."""
+    return PydanticCustomError("alflow", message.replace("{", "(").replace("}", ")"), {"subloc": subloc, "got": got})
+
+
+def _resolve(value: str | Path | None, info: ValidationInfo) -> Any:
+    """Make a relative path absolute against the config file's directory (context ``base_dir``)."""
+    if value is None:
+        return None
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    path = Path(value).expanduser()
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    return resolved if isinstance(value, Path) else str(resolved)
+
+
+FilePath = Annotated[str, AfterValidator(_resolve)]  # relative to the config file's directory
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BuildConfig(_Model):
+    """A bulk crystal from ``ase.build.bulk``."""
+
+    element: str = Field(description="Chemical symbol or formula, e.g. 'Cu' or 'NaCl'.")
+    crystal: Literal["sc", "fcc", "bcc", "tetragonal", "bct", "hcp", "rhombohedral", "orthorhombic", "mcl",
+                     "diamond", "zincblende", "rocksalt", "cesiumchloride", "fluorite", "wurtzite"] | None = Field(
+        None, description="Crystal structure; None uses ASE's reference state of the element.")
+    a: float | None = Field(None, gt=0, description="Lattice constant a (Å); None uses ASE's reference value.")
+    c: float | None = Field(None, gt=0, description="Lattice constant c (Å), for hcp/tetragonal/wurtzite.")
+    covera: float | None = Field(None, gt=0, description="c/a ratio (dimensionless), alternative to c.")
+    cubic: bool = Field(False, description="Build the conventional cubic cell.")
+    orthorhombic: bool = Field(False, description="Build an orthorhombic cell.")
+
+    @field_validator("element")
+    @classmethod
+    def _symbols(cls, v: str) -> str:
+        from ase.data import chemical_symbols
+        from ase.symbols import string2symbols
+
+        try:
+            unknown = [s for s in string2symbols(v) if s not in chemical_symbols[1:]]
+        except Exception:  # noqa: BLE001 - ase raises ValueError/KeyError on garbage
+            unknown = [v]
+        if unknown or not v:
+            raise ValueError("not a chemical symbol or formula")
+        return v
+
+
+class RattleConfig(_Model):
+    """Randomly displaced and strained copies of the structures, labelled as the first dataset."""
+
+    n_frames: int = Field(20, ge=1, description="Number of frames to generate.")
+    stdev: float = Field(0.05, ge=0, description="Standard deviation of the Gaussian displacements (Å).")
+    strain: float = Field(0.02, ge=0, lt=1, description="Maximum random cell strain (fraction, e.g. 0.02 = 2 %).")
+
+
+class SystemConfig(_Model):
+    """The material: starting structures (files or ``build``) and the first training data."""
+
+    structures: list[FilePath] | None = Field(None, min_length=1, description="Structure files (any format ASE/pymatgen reads), relative to the config file.")
+    build: BuildConfig | None = Field(None, description="Build a bulk crystal instead of reading files.")
+    supercell: tuple[int, int, int] | None = Field(None, description="Repeat the cell n1 x n2 x n3 times.")
+    min_cell_length: float | None = Field(None, gt=0, description="Repeat until every perpendicular cell width is at least this (Å).")
+    initial_dataset: FilePath | None = Field(None, description="Labelled frames (extxyz, ...) to start training from.")
+    initial_rattle: RattleConfig | None = Field(default_factory=RattleConfig, description="Rattled frames labelled by the oracle to seed the dataset; null to disable.")
+
+    @field_validator("supercell")
+    @classmethod
+    def _positive(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError("every repetition must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SystemConfig:
+        if (self.structures is None) == (self.build is None):
+            given = [k for k in ("structures", "build") if getattr(self, k) is not None]
+            raise _fail("give exactly one of 'structures' (files) or 'build' (ase.build.bulk)", got=given or None)
+        return self
+
+
+class PotentialConfig(_Model):
+    """The neural-network potential every committee member uses."""
+
+    architecture: str = Field("schnet", description="Model name from the potentials registry (see known_architectures()).")
+    cutoff: float = Field(5.0, gt=0, description="Neighbour cutoff radius (Å).")
+    hparams: dict[str, Any] = Field(default_factory=dict, description="Architecture hyper-parameters passed to the model constructor.")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Floating-point precision of the model.")
+    checkpoint: FilePath | None = Field(None, description="Model file to start from instead of random weights.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        known = known_architectures()
+        if v.lower() not in known:
+            raise ValueError(f"unknown architecture; known: {', '.join(known)}")
+        return v.lower()
+
+
+class CommitteeConfig(_Model):
+    """The committee of independently trained models whose disagreement measures uncertainty."""
+
+    size: int = Field(4, ge=2, description="Number of members.")
+    bootstrap: bool = Field(False, description="Train each member on a bootstrap resample of the training set.")
+    calibrate: bool = Field(True, description="Rescale the committee spread on the validation set (uncertainty calibration).")
+
+
+class TrainingConfig(_Model):
+    """Training of each committee member."""
+
+    epochs: int = Field(200, ge=1, description="Maximum epochs per training.")
+    batch_size: int = Field(8, ge=1, description="Structures per batch.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    energy_weight: float = Field(1.0, ge=0, description="Loss weight of energies (per atom, eV²).")
+    forces_weight: float = Field(10.0, ge=0, description="Loss weight of forces ((eV/Å)²).")
+    stress_weight: float = Field(0.0, ge=0, description="Loss weight of stresses ((eV/Å³)²); 0 ignores stress.")
+    patience: int = Field(30, ge=1, description="Early stopping: epochs without validation improvement.")
+    ema_decay: float | None = Field(0.99, ge=0, lt=1, description="Exponential moving average of weights; null disables.")
+    grad_clip: float | None = Field(10.0, gt=0, description="Gradient-norm clipping threshold; null disables.")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of frames held out for validation.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of frames held out for testing.")
+    warm_start: bool = Field(True, description="Continue from the previous iteration's weights.")
+    max_time_s: float | None = Field(None, gt=0, description="Wall-time limit per member and training (s).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise _fail("valid_fraction + test_fraction must be < 1", "test_fraction", got=self.test_fraction)
+        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
+            raise _fail("at least one loss weight must be > 0", "forces_weight", got=0.0)
+        return self
+
+
+class WalkerConfig(_Model):
+    """One molecular-dynamics walker (``replicas`` copies with different seeds)."""
+
+    ensemble: Ensemble = Field("nvt-langevin", description="Thermodynamic ensemble / integrator.")
+    temperature: float | list[float] = Field(300.0, description="Temperature (K); a list is a linear ramp over the run.")
+    pressure: float | list[float] | None = Field(None, validate_default=True, description="Pressure (GPa); required for npt-*, a list is a ramp.")
+    timestep: float = Field(2.0, gt=0, description="Time step (fs).")
+    steps: int = Field(1000, gt=0, description="MD steps per iteration.")
+    stride: int = Field(10, gt=0, description="Score the committee every this many steps.")
+    friction: float = Field(0.01, gt=0, description="Langevin friction (1/fs).")
+    nbeads: int = Field(4, ge=1, description="Path-integral beads (pimd only).")
+    start: Literal["relaxed", "rattled", "strained", "vacancy", "interstitial", "surface"] = Field(
+        "relaxed", description="How the starting structure is prepared.")
+    rattle_stdev: float = Field(0.05, ge=0, description="Displacement standard deviation for start=rattled (Å).")
+    strain: float = Field(0.02, gt=-1, lt=1, description="Isotropic strain for start=strained (fraction).")
+    miller: tuple[int, int, int] = Field((1, 1, 1), description="Surface orientation for start=surface.")
+    vacuum: float = Field(10.0, gt=0, description="Vacuum thickness for start=surface (Å).")
+    seed: int | None = Field(None, description="Random seed; null derives one from the run seed and walker index.")
+    replicas: int = Field(1, ge=1, description="Independent copies of this walker.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperatures(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or min(values) < 0:
+            raise ValueError("temperatures must be >= 0 K (a list needs at least one value)")
+        return v
+
+    @field_validator("pressure")
+    @classmethod
+    def _pressure(cls, v: float | list[float] | None, info: ValidationInfo) -> float | list[float] | None:
+        ensemble = info.data.get("ensemble", "")
+        if v is None and ensemble.startswith("npt"):
+            raise ValueError(f"pressure (GPa) is required for ensemble {ensemble!r}")
+        if v is not None and (ensemble == "nve" or ensemble.startswith("nvt")):
+            raise ValueError(f"pressure is not allowed for ensemble {ensemble!r}")
+        if isinstance(v, list) and not v:
+            raise ValueError("a pressure ramp needs at least one value")
+        return v
+
+    @field_validator("miller")
+    @classmethod
+    def _miller(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not any(v):
+            raise ValueError("Miller indices cannot all be zero")
+        return v
+
+    @model_validator(mode="after")
+    def _stride(self) -> WalkerConfig:
+        if self.stride > self.steps:
+            raise _fail("stride must be <= steps", "stride", got=self.stride)
+        return self
+
+
+class ExplorationConfig(_Model):
+    """Molecular dynamics with the committee to find uncertain structures."""
+
+    engine: Literal["ase", "ipi"] = Field("ase", description="MD engine: ASE integrators or i-PI over a socket.")
+    walkers: list[WalkerConfig] = Field(default_factory=lambda: [WalkerConfig()], min_length=1, description="MD walkers run each iteration.")
+    min_distance: float = Field(0.5, gt=0, description="Stop a walker when two atoms come closer than this (Å): it exploded.")
+    uncertain_patience: int = Field(20, ge=1, description="Stop a walker after this many steps above selection.upper.")
+
+    @model_validator(mode="after")
+    def _engine_can(self) -> ExplorationConfig:
+        allowed = ASE_ENSEMBLES if self.engine == "ase" else IPI_ENSEMBLES
+        for i, walker in enumerate(self.walkers):
+            if walker.ensemble not in allowed:
+                raise _fail(f"engine {self.engine!r} cannot run this ensemble; it supports {', '.join(sorted(allowed))}",
+                            "walkers", i, "ensemble", got=walker.ensemble)
+        return self
+
+
+class SelectionConfig(_Model):
+    """Which explored frames go to the oracle, from the committee's max force deviation."""
+
+    lower: float = Field(0.05, gt=0, description="Trust level (eV/Å): frames below are considered known.")
+    upper: float = Field(0.5, gt=0, description="Frames above this (eV/Å) are considered unphysical, not labelled.")
+    energy_lower: float | None = Field(None, ge=0, description="Optional energy deviation trust level (eV/atom).")
+    energy_upper: float | None = Field(None, gt=0, description="Optional energy deviation upper level (eV/atom).")
+    adaptive_fraction: float | None = Field(None, gt=0, le=1, description="Set lower adaptively so this fraction of frames is accurate.")
+    max_per_iteration: int = Field(20, ge=1, description="At most this many frames labelled per iteration.")
+    max_per_walker: int | None = Field(None, ge=1, description="At most this many frames from one walker per iteration.")
+    min_stride: int = Field(1, ge=1, description="Minimum distance between selected frames of one trajectory (frames).")
+    diversity: Literal["none", "fps"] = Field("fps", description="Farthest-point sampling among candidates, or none.")
+    strategy: Literal["committee", "random"] = Field("committee", description="Uncertainty-based or random selection (baseline).")
+    min_interatomic_distance: float = Field(0.6, gt=0, description="Reject frames with atoms closer than this (Å).")
+    max_force: float = Field(50.0, gt=0, description="Reject frames whose predicted force exceeds this (eV/Å).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SelectionConfig:
+        if self.upper <= self.lower:
+            raise _fail(f"must be greater than lower ({self.lower})", "upper", got=self.upper)
+        if self.energy_lower is not None and self.energy_upper is not None and self.energy_upper <= self.energy_lower:
+            raise _fail(f"must be greater than energy_lower ({self.energy_lower})", "energy_upper", got=self.energy_upper)
+        return self
+
+
+class LabellingConfig(_Model):
+    """The reference calculator ("oracle") that labels selected frames."""
+
+    oracle: str = Field("emt", description=f"Built-in ({', '.join(BUILTIN_ORACLES)}) or 'module:Class' of an ASE calculator.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the calculator.")
+    kpoint_density: float | None = Field(None, gt=0, description="k-point density (points per Å⁻¹) for periodic DFT.")
+    timeout_s: float = Field(3600.0, gt=0, description="Wall-time limit per single-point calculation (s).")
+    threads: int = Field(1, ge=1, description="Threads / MPI ranks per calculation.")
+    retries: int = Field(1, ge=0, description="Retries of a failed calculation, using fallback_parameters in turn.")
+    fallback_parameters: list[dict[str, Any]] = Field(default_factory=list, description="Parameter overrides tried on retries.")
+
+    @field_validator("oracle")
+    @classmethod
+    def _oracle(cls, v: str) -> str:
+        if v.lower() in BUILTIN_ORACLES:
+            return v.lower()
+        if not _IMPORT_PATH.match(v):
+            raise ValueError(f"unknown oracle; use one of {', '.join(BUILTIN_ORACLES)} or 'package.module:Class'")
+        return v
+
+
+class LoopConfig(_Model):
+    """When the active-learning loop stops."""
+
+    max_iterations: int = Field(10, ge=1, description="Maximum iterations (train, explore, select, label).")
+    max_labels: int | None = Field(None, ge=1, description="Stop once this many frames were labelled in total.")
+    convergence_fraction: float = Field(0.99, gt=0, le=1, description="Converged when this fraction of explored frames is below selection.lower.")
+    convergence_patience: int = Field(1, ge=1, description="Consecutive converged iterations required to stop.")
+
+
+class ExecutionConfig(_Model):
+    """Where and how tasks run."""
+
+    task_runner: Literal["thread", "process", "dask"] = Field("thread", description="Prefect task runner.")
+    max_workers: int = Field(2, ge=1, description="Concurrent tasks.")
+    dask_address: str | None = Field(None, description="Scheduler address for task_runner=dask; null starts a local cluster.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto uses CUDA when present.")
+    prefect_home: FilePath | None = Field(None, description="PREFECT_HOME directory; null keeps Prefect's default.")
+
+    @model_validator(mode="after")
+    def _dask(self) -> ExecutionConfig:
+        if self.dask_address is not None and self.task_runner != "dask":
+            raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
+        return self
+
+
+class RunConfig(_Model):
+    """A whole active-learning run."""
+
+    name: str = Field(min_length=1, description="Run name.")
+    run_dir: Annotated[Path, AfterValidator(_resolve)] | None = Field(None, description="Output directory; default runs/<name> next to the config file.")
+    seed: int = Field(0, description="Master random seed.")
+    system: SystemConfig
+    potential: PotentialConfig = Field(default_factory=PotentialConfig)
+    committee: CommitteeConfig = Field(default_factory=CommitteeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    labelling: LabellingConfig = Field(default_factory=LabellingConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="after")
+    def _default_run_dir(self, info: ValidationInfo) -> RunConfig:
+        if self.run_dir is None:
+            object.__setattr__(self, "run_dir", _resolve(Path("runs") / self.name, info))
+        return self
+
+    def summary(self) -> str:
+        """One line: architecture, committee, walkers, oracle and iterations."""
+        counts: dict[str, int] = {}
+        for w in self.exploration.walkers:
+            counts[w.ensemble] = counts.get(w.ensemble, 0) + w.replicas
+        walkers = ", ".join(f"{n}x {e}" for e, n in counts.items())
+        return (f"{self.name}: {self.potential.architecture} (cutoff {self.potential.cutoff:g} Å), "
+                f"committee of {self.committee.size}, {sum(counts.values())} walker(s) on {self.exploration.engine} "
+                f"({walkers}), oracle {self.labelling.oracle}, up to {self.loop.max_iterations} iterations")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``1e-3`` as numbers."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """Like SafeLoader's, but a key given twice is an error instead of silently overriding."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)|\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return next((m for a in typing.get_args(annotation) if (m := _model_in(a))), None)
+    return None
+
+
+def _item_type(annotation: Any) -> Any:
+    for a in (typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)):
+        if typing.get_origin(a) in (list, tuple):
+            return typing.get_args(a)[0]
+    return None
+
+
+def _clean_loc(loc: tuple[str | int, ...]) -> tuple[str, tuple[str | int, ...], str]:
+    """Dotted field path (union tags dropped), the raw loc, and a 'did you mean' hint for unknown keys."""
+    parts: list[str | int] = []
+    annotation: Any = RunConfig
+    hint = ""
+    for part in loc:
+        model = _model_in(annotation)
+        if isinstance(part, int):
+            parts.append(part)
+            annotation = _item_type(annotation)
+        elif model is not None:
+            parts.append(part)
+            field = model.model_fields.get(part)
+            annotation = field.annotation if field else None
+            if field is None and (close := difflib.get_close_matches(part, list(model.model_fields), n=1)):
+                hint = f"; did you mean {close[0]!r}?"
+    return ".".join(str(p) for p in parts) or "<top level>", tuple(parts), hint
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` (an unknown key points at the key)."""
+    line = None
+    for depth, part in enumerate(loc, 1):
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            node = pair[1] if pair else None
+            if pair and depth == len(loc):
+                return pair[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    return node.start_mark.line + 1 if node is not None else line
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
+
+
+def _format_errors(exc: ValidationError, root: yaml.Node | None = None) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc, value, message = tuple(err["loc"]), err.get("input"), err["msg"]
+        if err["type"] == "alflow":
+            loc, value = loc + tuple(err["ctx"]["subloc"]), err["ctx"]["got"]
+        path, clean, hint = _clean_loc(loc)
+        message = message.removeprefix("Value error, ") + hint
+        line = f"{path}: {message}" if err["type"] == "missing" else f"{path}: {message} (got {_short(value)})"
+        if root is not None and (n := _line_of(root, clean)) is not None:
+            line += f" [line {n}]"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _validate(data: Any, base_dir: Path, source: str, root: yaml.Node | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        where = f" [line {root.start_mark.line + 1}]" if root is not None else ""
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}{where}", path=source)
+    try:
+        return RunConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        errors = _format_errors(exc, root)
+        head = f"{source}: invalid configuration ({len(errors)} error{'s' * (len(errors) != 1)})"
+        raise ConfigError("\n  ".join([head, *errors]), errors=errors, path=source) from None
+
+
+def config_from_dict(data: dict[str, Any], base_dir: str | Path | None = None) -> RunConfig:
+    """Validate a mapping; relative paths are resolved against ``base_dir`` (default: working dir)."""
+    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return _validate(data, base, "<dict>")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration; raises ``ConfigError`` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})", path=path) from None
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}", path=path) from None
+    finally:
+        loader.dispose()
+    return _validate(data, path.resolve().parent, str(path), root)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The configuration, defaults included, as YAML text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (paths are absolute, so ``load_config`` gives back an equal config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# alflow run configuration '{cfg.name}' (all defaults resolved)\n" + config_to_yaml(cfg))
+    return path
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of ``RunConfig`` (e.g. for editor completion of YAML files)."""
+    schema = RunConfig.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "alflow run configuration"}
