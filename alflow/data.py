@@ -324,7 +324,8 @@ def summary(frames: Sequence[Atoms]) -> dict[str, Any]:
     sizes = [len(a) for a in frames]
     labelled = [a for a in frames if REF_ENERGY in a.info and len(a)]
     e_per_atom = [float(a.info[REF_ENERGY]) / len(a) for a in labelled]
-    fmax = [float(np.max(np.linalg.norm(a.arrays[REF_FORCES], axis=1))) for a in frames if REF_FORCES in a.arrays and len(a)]
+    with_forces = [a for a in frames if REF_FORCES in a.arrays and len(a)]
+    fmax = [float(np.max(np.linalg.norm(a.arrays[REF_FORCES], axis=1))) for a in with_forces]
     comps = Counter(a.get_chemical_formula(mode="metal", empirical=True) for a in frames)
     zs = sorted({int(z) for a in frames for z in a.numbers})
     return {

@@ -89,7 +89,8 @@ def read_frames(path: str | os.PathLike, index: str | int = ":") -> list[Atoms]:
             frames = _read_pymatgen(path)  # a single structure, whatever the index
         except Exception as pmg_err:  # noqa: BLE001
             raise DatasetError(
-                f"{path}: cannot read as a structure file (ase: {ase_err}; pymatgen: {pmg_err})"
+                f"{path}: cannot read as a structure file "
+                f"(ase: {type(ase_err).__name__}: {ase_err}; pymatgen: {type(pmg_err).__name__}: {pmg_err})"
             ) from pmg_err
     for atoms in frames:
         labels_from_calc(atoms)
