@@ -1,0 +1,49 @@
+"""Test-session rules: what runs where, and saying so.
+
+- ``gpu`` tests run when CUDA is present, else they are skipped with that reason.
+- ``dft`` tests name their code (``@pytest.mark.dft("gpaw")``) and run where it is
+  installed, else they are skipped naming the missing code.
+- ``slow`` tests run by default (the CI command runs everything this machine can);
+  ``pytest -m "not slow"`` is the quick developer loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+# how to find each DFT code: a Python module or an executable
+DFT_CODES = {
+    "gpaw": ("module", "gpaw"),
+    "espresso": ("executable", "pw.x"),
+    "cp2k": ("executable", "cp2k_shell"),
+    "xtb": ("module", "tblite"),
+}
+
+
+def dft_available(code: str) -> bool:
+    kind, name = DFT_CODES.get(code, ("module", code))
+    if kind == "module":
+        return importlib.util.find_spec(name) is not None
+    return shutil.which(name) is not None or shutil.which(name.replace("_shell", ".psmp")) is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device on this machine"))
+        marker = item.get_closest_marker("dft")
+        if marker is not None:
+            codes = marker.args or ("gpaw",)
+            missing = [c for c in codes if not dft_available(c)]
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=f"dft: {', '.join(missing)} not installed here"))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    dft = ", ".join(f"{c}={'yes' if dft_available(c) else 'no'}" for c in DFT_CODES)
+    return [f"alflow: torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}; DFT codes: {dft}"]
