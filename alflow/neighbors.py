@@ -50,7 +50,7 @@ class Neighbors(Generic[Array]):
     """Pairs within the cutoff. Arrays are numpy or torch, matching the input.
 
     i, j: (E,) int64 atom indices (global indices for a batch).
-    S: (E, 3) int64 integer cell shifts.
+    S: (E, 3) integer cell shifts (int32 from numpy input, int64 from torch input).
     D: (E, 3) pair vectors r_j - r_i + S @ cell, Å, dtype of the positions.
     d: (E,) distances, Å.
     """
@@ -134,8 +134,11 @@ def _check_cells(cells: np.ndarray, pbc: np.ndarray, name: str = "cell") -> None
 def _check_positions(positions: np.ndarray, name: str = "positions") -> None:
     if positions.ndim != 2 or positions.shape[1] != 3:
         raise NeighborListError(f"{name}: expected shape (N, 3), got {positions.shape}")
-    if not np.isfinite(positions).all():
-        bad = int(np.flatnonzero(~np.isfinite(positions).all(axis=1))[0])
+    if np.isfinite(positions.sum()):  # one pass; NaN and inf propagate through the sum
+        return
+    finite = np.isfinite(positions).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
         raise NeighborListError(f"{name}: atom {bad} has a NaN or inf coordinate {positions[bad].tolist()}")
 
 
@@ -144,10 +147,18 @@ def _is_torch(x: Any) -> bool:
 
 
 def _to_numpy64(x: Any, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.float64 and x.flags.c_contiguous:
+        return x  # fast path: nothing to convert
     arr = x.detach().cpu().numpy() if _is_torch(x) else np.asarray(x)
     if not np.issubdtype(arr.dtype, np.number):
         raise NeighborListError(f"{name}: expected numbers, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def _float_dtype(x: Any) -> Any:
+    """The floating dtype results should have for numpy input ``x`` (float64 for integers)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype if dtype is not None and np.issubdtype(dtype, np.floating) else np.float64
 
 
 # ----------------------------------------------------------------------------- search
@@ -169,11 +180,11 @@ def _search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: fl
     """(i, j, S, D, d) as float64/int64 numpy arrays, validated input assumed."""
     n = positions.shape[0]
     if n == 0:
-        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64),
+        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int32),
                 np.zeros((0, 3)), np.zeros(0))
-    # copy=False hands out views into vesin's buffers; each is copied exactly once here
-    i, j, S, D, d = _vesin(cutoff).compute(positions, cell, pbc, quantities="ijSDd", copy=False)
-    return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64), D.copy(), d.copy()
+    i, j, S, D, d = _vesin(cutoff).compute(positions, cell, pbc, quantities="ijSDd", copy=True)
+    # vesin hands out uint64 indices (always < 2**63) and int32 shifts: reinterpret, never copy
+    return i.view(np.int64), j.view(np.int64), S, D, d
 
 
 # ----------------------------------------------------------------------------- public API
@@ -220,10 +231,10 @@ def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float) -> Neighbo
     _check_cells(cell64[None], pbc_arr[None])
     i, j, S, D, d = _search(pos64, cell64, pbc_arr, cutoff)
     if not _is_torch(positions):
-        dtype = positions.dtype if np.issubdtype(np.asarray(positions).dtype, np.floating) else np.float64
+        dtype = _float_dtype(positions)
         return Neighbors(i, j, S, D.astype(dtype, copy=False), d.astype(dtype, copy=False))
     device = positions.device
-    ti, tj, tS = (torch.from_numpy(a).to(device) for a in (i, j, S))
+    ti, tj, tS = (torch.from_numpy(a).to(device=device, dtype=torch.int64) for a in (i, j, S))
     cell_t = cell if _is_torch(cell) else torch.as_tensor(cell64, device=device)
     vectors = edge_vectors(positions, cell_t.to(positions.dtype), ti, tj, tS)
     return Neighbors(ti, tj, tS, vectors, torch.linalg.norm(vectors, dim=-1))
@@ -265,14 +276,14 @@ def batch_neighbor_list(
     offsets = np.repeat(starts, sizes)
     i = np.concatenate([p[0] for p in parts]) + offsets if parts else np.zeros(0, np.int64)
     j = np.concatenate([p[1] for p in parts]) + offsets if parts else np.zeros(0, np.int64)
-    S = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 3), np.int64)
+    S = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 3), np.int32)
     if not _is_torch(positions):
         D = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, 3))
         d = np.concatenate([p[4] for p in parts]) if parts else np.zeros(0)
-        dtype = positions.dtype if np.issubdtype(np.asarray(positions).dtype, np.floating) else np.float64
+        dtype = _float_dtype(positions)
         return Neighbors(i, j, S, D.astype(dtype, copy=False), d.astype(dtype, copy=False))
     device = positions.device
-    ti, tj, tS = (torch.from_numpy(a).to(device) for a in (i, j, S))
+    ti, tj, tS = (torch.from_numpy(a).to(device=device, dtype=torch.int64) for a in (i, j, S))
     cells_t = cells if _is_torch(cells) else torch.as_tensor(cells64, device=device)
     batch = torch.repeat_interleave(torch.arange(n_structures, device=device), torch.as_tensor(counts, device=device))
     vectors = edge_vectors(positions, cells_t.to(positions.dtype), ti, tj, tS, batch)

@@ -1,0 +1,116 @@
+"""Fixtures for the potential tests: small randomly initialised models and periodic Cu–Ni cells."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+import potentials
+from potentials.base import Potential
+
+# small models per architecture, so that every contract test stays fast; unlisted ones get their defaults
+SMALL_HPARAMS: dict[str, dict] = {
+    "schnet": {"n_atom_basis": 16, "n_filters": 16, "n_interactions": 2, "n_rbf": 8},
+    "painn": {"n_atom_basis": 16, "n_interactions": 2, "n_rbf": 8},
+}
+SPECIES = ("Cu", "Ni")
+CUTOFF = 4.0  # Å: first two fcc shells; larger than the 3.6 Å cubic cell, so many periodic images
+
+
+def build_small(
+    name: str,
+    *,
+    cutoff: float = CUTOFF,
+    species: tuple[str, ...] = SPECIES,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    perturb: float = 0.1,
+) -> Potential:
+    """A small model of architecture ``name`` with every weight perturbed by N(0, perturb²), in eval mode.
+
+    The perturbation (biases start at zero) makes the outputs depend strongly on
+    species and geometry, so a test cannot pass with a near-constant model.
+    An architecture whose optional dependency is missing is skipped with the reason.
+    """
+    torch.manual_seed(seed)
+    try:
+        model = potentials.build(name, list(species), cutoff, **SMALL_HPARAMS.get(name, {}))
+    except ImportError as exc:
+        pytest.skip(f"architecture {name!r} cannot be built here: {type(exc).__name__}: {exc}")
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(perturb * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=potentials.available())
+def arch(request: pytest.FixtureRequest) -> str:
+    """Each registered architecture name in turn."""
+    return request.param
+
+
+@pytest.fixture
+def make_model(arch: str) -> Callable[..., Potential]:
+    """Factory: ``make_model(cutoff=..., dtype=..., seed=...)`` builds a small model of the current architecture."""
+    return lambda **kwargs: build_small(arch, **kwargs)
+
+
+@pytest.fixture
+def model(make_model: Callable[..., Potential]) -> Potential:
+    """A small float64 model of the current architecture (species Cu, Ni; cutoff 4 Å)."""
+    return make_model()
+
+
+def cu_ni_crystal(a: float = 3.6) -> Atoms:
+    """A perfect L1_2 Cu3Ni crystal: 4-atom cubic fcc cell, edge ``a`` Å (smaller than the cutoff)."""
+    atoms = bulk("Cu", "fcc", a=a, cubic=True)
+    atoms.numbers[0] = 28
+    return atoms
+
+
+def cu_ni_rattled(seed: int = 0) -> Atoms:
+    """A sheared, rattled 4-atom Cu2Ni2 cell: no symmetry left, two species."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.numbers[[1, 3]] = 28
+    cell = atoms.cell.array.copy()
+    cell[0] += 0.25 * cell[1] - 0.1 * cell[2]
+    cell[2] += 0.15 * cell[0]
+    atoms.set_cell(cell, scale_atoms=True)
+    atoms.rattle(stdev=0.08, seed=seed)
+    return atoms
+
+
+@pytest.fixture
+def cu_ni() -> Atoms:
+    """Rattled, sheared periodic Cu2Ni2 cell (see :func:`cu_ni_rattled`)."""
+    return cu_ni_rattled()
+
+
+@pytest.fixture
+def three_structures() -> list[Atoms]:
+    """Three different periodic structures: rattled Cu2Ni2, 1-atom fcc Ni, a rattled 8-atom Cu6Ni2 cell."""
+    small = bulk("Ni", "fcc", a=3.52)
+    big = cu_ni_crystal(a=3.65).repeat((1, 1, 2))
+    big.rattle(stdev=0.06, seed=7)
+    return [cu_ni_rattled(seed=3), small, big]
+
+
+@pytest.fixture
+def cu3ni() -> Atoms:
+    """Perfect L1_2 Cu3Ni crystal (see :func:`cu_ni_crystal`)."""
+    return cu_ni_crystal()
+
+
+@pytest.fixture
+def rotation() -> np.ndarray:
+    """A random proper rotation matrix (det +1), fixed seed."""
+    q, r = np.linalg.qr(np.random.default_rng(42).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
