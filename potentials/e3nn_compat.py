@@ -11,8 +11,9 @@ Two problems, both handled here in code (users never set environment variables):
    environment, which silently makes *every* later ``torch.load`` without an
    explicit ``weights_only`` unpickle arbitrary code — in this process and in
    every subprocess it starts. :func:`import_mace` imports mace and puts the
-   variable back as it was. (Importing ``mace.calculators`` sets it again; that
-   is mace's own side effect. alflow always passes ``weights_only`` explicitly.)
+   variable back as it was; ``import_mace("mace.calculators")`` does the same for
+   other mace modules (``mace.calculators`` sets the variable again when imported
+   directly). alflow always passes ``weights_only`` explicitly.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def prepare_e3nn() -> ModuleType:
     return importlib.import_module("e3nn.o3")
 
 
-def import_mace() -> ModuleType:
-    """``mace.modules``, imported after :func:`prepare_e3nn`, without leaking mace's environment change."""
+def import_mace(name: str = "mace.modules") -> ModuleType:
+    """A mace-torch module (default ``mace.modules``), imported after :func:`prepare_e3nn`,
+    without leaking mace's environment change.
+
+    Code using ``mace.calculators.MACECalculator`` imported this way passes
+    ``models=[torch.load(path, weights_only=False)]`` (a trusted file) rather than
+    ``model_paths``, which relies on the environment variable.
+    """
     prepare_e3nn()
     before = os.environ.get(_ENV)
     try:
-        return importlib.import_module("mace.modules")
+        return importlib.import_module(name)
     finally:
         if before is None:
             os.environ.pop(_ENV, None)

@@ -26,6 +26,13 @@ ARCHITECTURES: dict[str, str] = {
     "schnet": "potentials.schnet:SchNet",
     "painn": "potentials.painn:PaiNN",
     "mace": "potentials.mace:MACEPotential",
+    "dtnn": "potentials.dtnn:DTNN",
+    "physnet": "potentials.physnet:PhysNet",
+    "ani": "potentials.ani:ANI",
+    "aimnet2": "potentials.aimnet2:AIMNet2",
+    "sake": "potentials.sake:SAKE",
+    "dimenetpp": "potentials.dimenet:DimeNetPP",
+    "tensornet": "potentials.tensornet:TensorNet",
 }
 
 CHECKPOINT_FORMAT = "alflow.potential"

@@ -191,6 +191,20 @@ def test_e0_scale_shift_buffers(model, cu_ni):
     np.testing.assert_allclose(scaled[keys.FORCES], 2.5 * ref[keys.FORCES], rtol=0, atol=1e-12)
 
 
+def test_training_gradients_are_finite(model):
+    """A force + stress loss back-propagates to finite parameter gradients, also through an atom with no
+    neighbour and a centrosymmetric 1-atom cell (where equivariant vector features are exactly zero)."""
+    lonely = Atoms("Cu2Ni", positions=[[0, 0, 0], [2.5, 0, 0], [6, 6, 6]], cell=np.eye(3) * 12.0, pbc=True)
+    batch = atoms_to_batch([lonely, bulk("Cu", "fcc", a=3.6)], model.cutoff, dtype=torch.float64)
+    model.train()
+    out = model(batch, forces=True, stress=True)
+    loss = out[keys.ENERGY].pow(2).sum() + out[keys.FORCES].pow(2).sum() + out[keys.STRESS].pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(model, three_structures):

@@ -1,0 +1,351 @@
+"""Oracles: the reference calculators that label frames, built by name, plus the k-point convention.
+
+An oracle is any ASE calculator. Built-in names (``build_calculator``):
+
+==========  =========  ==============================================================
+name        source     defaults (override any key with ``parameters``)
+==========  =========  ==============================================================
+emt         reference  ``ase.calculators.emt.EMT`` (toy metal potential; tests)
+gpaw        dft        PW(500 eV), PBE, Fermi-Dirac 0.05 eV, energy 1e-6 eV/electron;
+                       stress only in PW mode (never requested in LCAO/FD mode)
+espresso    dft        pw.x, PBE pseudopotentials from /usr/share/espresso/pseudo,
+                       ecutwfc 40 Ry, ecutrho 8x, MV smearing 0.01 Ry, conv_thr 1e-8 Ry
+cp2k        dft        cp2k_shell, PBE, DZVP-MOLOPT-SR-GTH + GTH-PBE, CUTOFF 400 Ry,
+                       REL_CUTOFF 60 Ry, Fermi-Dirac 300 K with ADDED_MOS, Broyden mixing
+xtb         reference  tblite GFN2-xTB, Γ-only, periodic with stress
+chgnet      teacher    CHGNet pretrained weights shipped in the wheel
+sevenn      teacher    SevenNet-0 weights shipped in the wheel
+vasp        dft        ase Vasp: PBE, ENCUT 520, EDIFF 1e-6, ISMEAR 0 / SIGMA 0.05
+module:Cls  reference  any ASE calculator class, ``Cls(**parameters)``
+==========  =========  ==============================================================
+
+Label source: "dft" for DFT codes, "teacher" for pretrained universal
+potentials (never to be mistaken for DFT), "reference" for the rest.
+
+k-points (``kpoint_grid``): density rho in points per Å⁻¹, reciprocal vectors
+b_i with the 2π (b_i · a_j = 2π δ_ij): n_i = max(1, ceil(rho |b_i|)) along
+periodic directions, 1 along non-periodic ones -- ASE's ``kptdensity``
+convention. Every code gets a Γ-centred grid (GPAW ``gamma=True``, QE
+``koffset 0 0 0``, CP2K an explicit list of Γ-centred points, VASP
+``gamma=True``), so one config means the same sampling in every code. xtb is
+Γ-only. ``kpoint_density=None`` means ``DEFAULT_KPOINT_DENSITY``; an explicit
+``kpts`` in ``parameters`` wins over both.
+
+Energy label: the force-consistent (free) energy where the code reports one,
+so REF_forces = -dE/dR and REF_stress = dE/dε / V hold for REF_energy.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, ground_state_magnetic_moments
+
+BUILTIN = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
+SOURCES = {"gpaw": "dft", "espresso": "dft", "cp2k": "dft", "vasp": "dft", "chgnet": "teacher", "sevenn": "teacher"}
+DEFAULT_KPOINT_DENSITY = 3.5  # points per Å⁻¹ (ASE's default kptdensity)
+ESPRESSO_PSEUDO_DIR = "/usr/share/espresso/pseudo"
+CP2K_DATA_DIR = "/usr/share/cp2k/data"
+LOG_FILES = {"gpaw": "gpaw.txt", "espresso": "espresso.pwo", "cp2k": "cp2k.out", "vasp": "OUTCAR"}
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+class OracleError(ValueError):
+    """Unknown oracle or unusable parameters; the message names the oracle and the parameter."""
+
+
+class ScfNotConverged(RuntimeError):
+    """The code finished without a converged self-consistent field."""
+
+
+def source_of(oracle: str) -> str:
+    """Label source of an oracle: "dft", "teacher" or "reference"."""
+    return SOURCES.get(oracle.lower(), "reference")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``base`` with ``override`` merged in, nested dicts merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------- k-points
+def kpoint_grid(cell: Any, pbc: Any, density: float | None) -> tuple[int, int, int]:
+    """Γ-centred grid sizes for ``density`` points per Å⁻¹ (module docstring); (1, 1, 1) for None/non-periodic."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if density is None or not pbc.any():
+        return (1, 1, 1)
+    cell = np.asarray(cell, dtype=float)
+    full = cell.copy()
+    for i in range(3):  # non-periodic directions may have a zero vector: fill with a unit normal
+        if not pbc[i] or np.linalg.norm(full[i]) == 0:
+            full[i] = 0.0
+    if abs(np.linalg.det(full)) < 1e-12:
+        q, _ = np.linalg.qr(full[pbc].T, mode="complete")
+        for k, i in enumerate(np.flatnonzero(~pbc)):
+            full[i] = q[:, int(pbc.sum()) + k]
+    recip = 2.0 * math.pi * np.linalg.inv(full).T  # rows b_i, b_i · a_j = 2π δ_ij
+    return tuple(max(1, math.ceil(density * np.linalg.norm(recip[i]) - 1e-9)) if pbc[i] else 1 for i in range(3))
+
+
+def gamma_centred_points(grid: tuple[int, int, int]) -> list[tuple[tuple[float, float, float], float]]:
+    """Fractional Γ-centred grid points (in (-1/2, 1/2]) reduced by time reversal k ≡ -k, with weights."""
+    pts: dict[tuple[float, ...], float] = {}
+    for idx in np.ndindex(*grid):
+        k = tuple(((i / n + 0.5) % 1.0) - 0.5 if n > 1 else 0.0 for i, n in zip(idx, grid))
+        k = tuple(0.5 if abs(x + 0.5) < 1e-12 else round(x, 12) for x in k)
+        minus = tuple(0.5 if abs(-x + 0.5) < 1e-12 or abs(-x - 0.5) < 1e-12 else round(-x, 12) for x in k)
+        key = k if minus not in pts else minus
+        pts[key] = pts.get(key, 0.0) + 1.0
+    total = sum(pts.values())
+    return [(k, w / total) for k, w in pts.items()]
+
+
+def _is_3d(atoms: Atoms) -> bool:
+    return bool(np.all(atoms.pbc))
+
+
+def _grid(atoms: Atoms, density: float | None, gamma_only: bool) -> tuple[int, int, int]:
+    if gamma_only:
+        return (1, 1, 1)
+    return kpoint_grid(atoms.cell, atoms.pbc, DEFAULT_KPOINT_DENSITY if density is None else density)
+
+
+# ------------------------------------------------------------------------------------- builders
+def _emt(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from ase.calculators.emt import EMT
+
+    return EMT(**p), True
+
+
+def _gpaw(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from gpaw import GPAW
+
+    defaults = {
+        "mode": {"name": "pw", "ecut": 500.0},
+        "xc": "PBE",
+        "occupations": {"name": "fermi-dirac", "width": 0.05},
+        "convergence": {"energy": 1e-6, "density": 1e-5},
+        "txt": str(directory / LOG_FILES["gpaw"]),
+    }
+    params = deep_merge(defaults, p)
+    if "kpts" not in p:
+        params["kpts"] = {"size": _grid(atoms, density, gamma_only), "gamma": True}
+    if len(atoms) == 1 and np.any(atoms.get_initial_magnetic_moments()):
+        params.setdefault("hund", True)
+    mode = params["mode"]
+    mode_name = mode if isinstance(mode, str) else mode.get("name", "") if isinstance(mode, dict) else getattr(mode, "name", "")
+    return GPAW(**params), str(mode_name).lower() == "pw"  # stress is implemented in PW mode only
+
+
+def _pseudopotentials(symbols: set[str], pseudo_dir: str) -> dict[str, str]:
+    files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(pseudo_dir, "*")) if f.lower().endswith(".upf"))
+    out = {}
+    for sym in sorted(symbols):
+        mine = [f for f in files if re.match(rf"^{sym}[._-]", f, flags=re.IGNORECASE)]
+        if not mine:
+            raise OracleError(f"espresso: no pseudopotential for {sym} in {pseudo_dir}; "
+                              f"pass parameters.pseudopotentials={{'{sym}': 'file.UPF'}} and parameters.pseudo_dir")
+        pbe = [f for f in mine if "pbe" in f.lower()]
+        out[sym] = (pbe or mine)[0]
+    return out
+
+
+def _espresso(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from ase.calculators.espresso import Espresso, EspressoProfile
+
+    p = dict(p)
+    pseudo_dir = p.pop("pseudo_dir", os.environ.get("ESPRESSO_PSEUDO", ESPRESSO_PSEUDO_DIR))
+    command = p.pop("command", "pw.x")
+    pseudos = p.pop("pseudopotentials", None) or _pseudopotentials(set(atoms.get_chemical_symbols()), pseudo_dir)
+    user = deep_merge(p.pop("input_data", {}) or {}, {k: p.pop(k) for k in list(p)
+                                                   if k in ("control", "system", "electrons", "ions", "cell")})
+    ecut = float(user.get("system", {}).get("ecutwfc", p.pop("ecutwfc", 40.0)))
+    defaults = {
+        "control": {"calculation": "scf", "tprnfor": True, "tstress": _is_3d(atoms), "outdir": "./out",
+                    "disk_io": "none"},
+        "system": {"ecutwfc": ecut, "ecutrho": 8.0 * ecut, "occupations": "smearing", "smearing": "mv",
+                   "degauss": 0.01},
+        "electrons": {"conv_thr": 1e-8, "mixing_beta": 0.4, "electron_maxstep": 200},
+    }
+    input_data = deep_merge(defaults, user)
+    kpts = p.pop("kpts", _grid(atoms, density, gamma_only))
+    profile = EspressoProfile(command=command, pseudo_dir=pseudo_dir)
+    calc = Espresso(profile=profile, directory=str(directory), pseudopotentials=pseudos, input_data=input_data,
+                    kpts=kpts, koffset=(0, 0, 0), **p)
+    return calc, _is_3d(atoms)
+
+
+CP2K_INPUT = """&FORCE_EVAL
+  &DFT
+    &MGRID
+      REL_CUTOFF {rel_cutoff}
+      NGRIDS 4
+    &END MGRID
+    &QS
+      EPS_DEFAULT 1.0E-12
+    &END QS
+    &SCF
+      EPS_SCF {eps_scf}
+      SCF_GUESS ATOMIC
+      ADDED_MOS {added_mos}
+      &SMEAR ON
+        METHOD FERMI_DIRAC
+        ELECTRONIC_TEMPERATURE [K] {temperature}
+      &END SMEAR
+      &DIAGONALIZATION ON
+        ALGORITHM STANDARD
+      &END DIAGONALIZATION
+      &MIXING
+        METHOD BROYDEN_MIXING
+        ALPHA {alpha}
+        NBROYDEN 8
+      &END MIXING
+    &END SCF
+{kpoints}  &END DFT
+&END FORCE_EVAL
+"""
+
+
+def cp2k_kpoints_section(grid: tuple[int, int, int]) -> str:
+    """CP2K &KPOINTS as an explicit Γ-centred list (SCHEME GENERAL); empty for Γ-only (Γ-point code path)."""
+    if tuple(grid) == (1, 1, 1):
+        return ""
+    lines = ["    &KPOINTS", "      SCHEME GENERAL", "      SYMMETRY OFF", "      FULL_GRID ON"]
+    lines += [f"      KPOINT {k[0]:.12f} {k[1]:.12f} {k[2]:.12f} {w:.12f}" for k, w in gamma_centred_points(grid)]
+    return "\n".join(lines + ["    &END KPOINTS", ""])
+
+
+def _cp2k(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from ase.calculators.cp2k import CP2K
+    from ase.units import Rydberg
+
+    p = dict(p)
+    if os.path.isdir(CP2K_DATA_DIR):
+        os.environ.setdefault("CP2K_DATA_DIR", CP2K_DATA_DIR)
+    settings = {"rel_cutoff": p.pop("rel_cutoff", 60), "eps_scf": p.pop("eps_scf", 1e-7),
+                "temperature": p.pop("electronic_temperature", 300.0), "alpha": p.pop("mixing_alpha", 0.2),
+                "added_mos": p.pop("added_mos", max(10, 2 * len(atoms)))}
+    grid = tuple(p.pop("kpts")) if "kpts" in p else _grid(atoms, density, gamma_only)
+    inp = p.pop("inp", None) or CP2K_INPUT.format(kpoints=cp2k_kpoints_section(grid), **settings)
+    defaults = {"command": "cp2k_shell", "xc": "PBE", "basis_set": "DZVP-MOLOPT-SR-GTH",
+                "basis_set_file": "BASIS_MOLOPT", "potential_file": "GTH_POTENTIALS", "pseudo_potential": "GTH-PBE",
+                "cutoff": 400 * Rydberg, "max_scf": 200, "stress_tensor": _is_3d(atoms), "print_level": "LOW"}
+    moments = atoms.get_initial_magnetic_moments()
+    if np.any(moments):
+        defaults.update(uks=True, multiplicity=int(round(abs(moments.sum()))) + 1)
+    params = {**defaults, **p, "inp": inp}
+    return CP2K(label=str(directory / "cp2k"), **params), _is_3d(atoms)
+
+
+def _xtb(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from tblite.ase import TBLite
+
+    params = {"method": "GFN2-xTB", "max_iterations": 250, "electronic_temperature": 300.0, "verbosity": 0, **p}
+    return TBLite(**params), _is_3d(atoms)  # unpaired electrons from the initial magnetic moments
+
+
+def _chgnet(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from chgnet.model import CHGNet
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    p = dict(p)
+    model = CHGNet.load(model_name=p.pop("model_name", "0.3.0"), use_device=p.get("use_device", "cpu"), verbose=False)
+    return CHGNetCalculator(model=model, **{"use_device": "cpu", **p}), _is_3d(atoms)
+
+
+def _sevenn(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from sevenn.calculator import SevenNetCalculator
+
+    return SevenNetCalculator(**{"model": "7net-0", "device": "cpu", **p}), _is_3d(atoms)
+
+
+def _vasp(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    from ase.calculators.vasp import Vasp
+
+    defaults = {"xc": "PBE", "encut": 520, "ediff": 1e-6, "ismear": 0, "sigma": 0.05, "prec": "Accurate",
+                "lreal": False, "lwave": False, "lcharg": False, "isym": 0, "nelm": 200}
+    if "kpts" not in p:
+        defaults.update(kpts=_grid(atoms, density, gamma_only), gamma=True)
+    if np.any(atoms.get_initial_magnetic_moments()):
+        defaults["ispin"] = 2
+    return Vasp(directory=str(directory), **{**defaults, **p}), _is_3d(atoms)
+
+
+BUILDERS = {"emt": _emt, "gpaw": _gpaw, "espresso": _espresso, "cp2k": _cp2k, "xtb": _xtb,
+            "chgnet": _chgnet, "sevenn": _sevenn, "vasp": _vasp}
+
+
+def import_class(path: str) -> type:
+    """``"package.module:Class"`` -> the class; OracleError naming what is missing."""
+    if not _IMPORT_PATH.match(path):
+        raise OracleError(f"oracle {path!r}: expected a built-in name ({', '.join(BUILTIN)}) or 'package.module:Class'")
+    module_name, cls_name = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise OracleError(f"oracle {path!r}: cannot import module {module_name!r} ({err})") from err
+    try:
+        return getattr(module, cls_name)
+    except AttributeError:
+        raise OracleError(f"oracle {path!r}: module {module_name!r} has no attribute {cls_name!r}") from None
+
+
+def build_calculator(
+    oracle: str,
+    parameters: dict[str, Any],
+    atoms: Atoms,
+    kpoint_density: float | None = None,
+    directory: str | os.PathLike = ".",
+    gamma_only: bool = False,
+) -> tuple[Any, bool]:
+    """The ASE calculator for ``atoms`` and whether stress is to be requested (3D periodic and supported)."""
+    directory = Path(directory)
+    name = oracle.lower()
+    if name in BUILDERS:
+        return BUILDERS[name](dict(parameters), atoms, kpoint_density, directory, gamma_only)
+    cls = import_class(oracle)
+    try:
+        calc = cls(**parameters)
+    except TypeError as err:
+        raise OracleError(f"oracle {oracle!r}: bad parameters {sorted(parameters)} ({err})") from err
+    props = getattr(calc, "implemented_properties", ())
+    return calc, _is_3d(atoms) and "stress" in props
+
+
+def isolated_atom(symbol: str, box: float = 10.0, periodic: bool = True) -> Atoms:
+    """One atom of ``symbol`` centred in a cubic box (Å), initial moment = Hund's-rule ground-state moment."""
+    if symbol not in atomic_numbers:
+        raise OracleError(f"elements: unknown element symbol {symbol!r}")
+    atoms = Atoms(symbol, positions=[(box / 2,) * 3], cell=np.eye(3) * box, pbc=periodic)
+    moment = float(ground_state_magnetic_moments[atomic_numbers[symbol]])
+    if moment:
+        atoms.set_initial_magnetic_moments([moment])
+    return atoms
+
+
+def code_version(oracle: str) -> str:
+    """Version string of the code behind ``oracle`` (for cache keys); "" when unknown."""
+    module = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}.get(oracle.lower())
+    if module is None:
+        if oracle.lower() in ("espresso", "cp2k", "vasp"):
+            return oracle.lower()
+        module = oracle.split(":")[0].split(".")[0]
+    try:
+        return f"{module} {importlib.import_module(module).__version__}"
+    except Exception:  # noqa: BLE001 - version is informative only
+        return module

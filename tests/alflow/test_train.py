@@ -1,0 +1,201 @@
+"""Tests for training (alflow.train), metrics (alflow.metrics), the Cu/EMT generator and ``alflow train``.
+
+Real parts only: a small SchNet on 32-atom Cu cells from Langevin MD labelled by ASE's EMT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.emt import EMT
+
+import potentials
+from alflow.cli import main
+from alflow.config import TrainingConfig
+from alflow.data import fit_e0
+from alflow.datasets import cu_emt_dataset
+from alflow.io import write_extxyz_atomic
+from alflow.keys import REF_ENERGY, REF_FORCES, REF_STRESS
+from alflow.metrics import evaluate
+from alflow.train import TrainingDivergedError, train_committee, train_potential
+from potentials.base import UnknownElementError
+
+CUTOFF = 4.0
+HPARAMS = dict(n_atom_basis=16, n_filters=16, n_interactions=2, n_rbf=10)
+
+
+def small_schnet(seed: int = 0) -> potentials.Potential:
+    torch.manual_seed(seed)
+    return potentials.build("schnet", species=["Cu"], cutoff=CUTOFF, **HPARAMS)
+
+
+def config(**kw) -> TrainingConfig:
+    base = dict(epochs=12, batch_size=4, lr=5e-3, patience=20, ema_decay=0.9)
+    return TrainingConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """40 Cu32 frames from 4 short Langevin runs (300-1500 K), EMT labels."""
+    return cu_emt_dataset(40, seed=1, sizes=(32,), frames_per_run=10, equilibration=20, sample_every=5)
+
+
+@pytest.fixture(scope="module")
+def trained(frames, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    model = small_schnet()
+    result = train_potential(model, frames[:30], frames[30:], config(), device="cpu", out_dir=out, progress=False)
+    return model, result, out
+
+
+def test_cu_emt_dataset_is_deterministic_labelled_and_cached(tmp_path):
+    kw = dict(seed=3, sizes=(32, 108), frames_per_run=2, equilibration=5, sample_every=3, temperatures=(300, 1500))
+    a = cu_emt_dataset(4, path=tmp_path / "cu.extxyz", **kw)
+    b = cu_emt_dataset(4, **kw)
+    assert [len(x) for x in a] == [32, 32, 108, 108]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.positions, y.positions, atol=1e-6)
+    atoms = b[2].copy()
+    atoms.calc = EMT()  # the labels are EMT's for exactly these positions and cell
+    np.testing.assert_allclose(b[2].info[REF_ENERGY], atoms.get_potential_energy(), rtol=1e-10)
+    np.testing.assert_allclose(b[2].arrays[REF_FORCES], atoms.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(b[2].info[REF_STRESS], atoms.get_stress(), atol=1e-10)
+    assert {x.info["temperature_K"] for x in b} == {300.0, 1500.0}
+    again = cu_emt_dataset(4, path=tmp_path / "cu.extxyz", **kw)  # read back from the cache file
+    np.testing.assert_allclose(again[3].arrays[REF_FORCES], b[3].arrays[REF_FORCES], atol=1e-7)
+    other = cu_emt_dataset(3, path=tmp_path / "cu.extxyz", **kw)  # other arguments: regenerated, not the cache
+    assert len(other) == 3
+
+
+def test_training_lowers_force_error_fits_e0_and_saves_best(frames, trained):
+    model, result, out = trained
+    e0 = fit_e0(frames[:30])[29]
+    assert model.e0.item() == pytest.approx(e0, rel=1e-6)
+    rms_f = math.sqrt(np.mean(np.concatenate([a.arrays[REF_FORCES].ravel() for a in frames[:30]]) ** 2))
+    assert model.scale.item() == pytest.approx(rms_f, rel=1e-5)
+    initial = result.history[0]["valid_forces_rmse"]
+    assert result.metrics["valid"]["forces_rmse"] < 0.5 * initial
+    assert result.best_valid_loss < 0.3 * result.initial_valid_loss
+    assert result.n_train == 30 and result.n_valid == 10 and result.n_test == 0
+    # the checkpoint holds the returned (best) weights
+    loaded = potentials.load(out / "best.pt", device="cpu")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    assert evaluate(loaded, frames[30:])["forces_rmse"] == pytest.approx(result.metrics["valid"]["forces_rmse"], rel=1e-5)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["valid"]["forces_rmse"] == pytest.approx(result.metrics["valid"]["forces_rmse"])
+    assert saved["units"]["forces"] == "eV/Å" and saved["best_epoch"] == result.best_epoch
+    json.dumps(result.to_dict())
+
+
+def test_warm_start_begins_below_scratch(frames, trained, tmp_path):
+    model, _, _ = trained
+    cfg = config(epochs=1)
+    scratch = train_potential(small_schnet(seed=5), frames[:30], frames[30:], cfg, device="cpu", progress=False)
+    warm = train_potential(small_schnet(seed=5), frames[:30], frames[30:], cfg, device="cpu", progress=False,
+                           init_from=model)
+    assert warm.warm_start and not scratch.warm_start
+    assert warm.initial_valid_loss < 0.2 * scratch.initial_valid_loss
+    other = potentials.build("schnet", species=["Cu"], cutoff=CUTOFF, **{**HPARAMS, "n_interactions": 1})
+    with pytest.raises(ValueError, match="n_interactions"):
+        train_potential(other, frames[:30], frames[30:], cfg, device="cpu", progress=False, init_from=model)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(frames, tmp_path):
+    model = small_schnet()
+    with pytest.raises(TrainingDivergedError, match="diverged") as info:
+        train_potential(model, frames[:8], frames[8:10], config(lr=1e30, grad_clip=None), device="cpu",
+                        out_dir=tmp_path, progress=False)
+    assert info.value.checkpoint == str(tmp_path / "best.pt") and info.value.best_epoch == 0
+    good = potentials.load(tmp_path / "best.pt", device="cpu")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    for name, tensor in model.state_dict().items():  # the model got the last good weights back
+        torch.testing.assert_close(good.state_dict()[name], tensor)
+
+
+def test_bad_input_is_a_clear_error(frames):
+    with pytest.raises(ValueError, match="too few frames"):
+        train_potential(small_schnet(), frames[:1], [], config(), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="too few frames"):
+        train_committee([small_schnet(), small_schnet(1)], frames[:1], config(), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="valid_fraction"):
+        train_committee([small_schnet()], frames[:5], config(valid_fraction=0.0), device="cpu", progress=False)
+    gold = frames[0].copy()
+    gold.numbers[[0, 5]] = 79
+    gold.calc = EMT()
+    gold.info[REF_ENERGY] = gold.get_potential_energy()
+    gold.arrays[REF_FORCES] = gold.get_forces()
+    with pytest.raises(UnknownElementError, match=r"Au \(Z=79\)"):
+        train_potential(small_schnet(), [gold, frames[1]], [frames[2]], config(), device="cpu", progress=False)
+    broken = frames[3].copy()
+    broken.arrays[REF_FORCES] = broken.arrays[REF_FORCES].copy()
+    broken.arrays[REF_FORCES][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        train_potential(small_schnet(), [broken, frames[1]], [frames[2]], config(), device="cpu", progress=False)
+
+
+def test_max_time_stops_after_one_epoch(frames):
+    result = train_potential(small_schnet(), frames[:8], frames[8:10], config(max_time_s=1e-3), device="cpu",
+                             progress=False)
+    assert result.stop_reason == "max_time" and result.epochs == 1
+
+
+def test_committee_bootstrap_split_and_mean_metrics(frames, tmp_path):
+    members = [small_schnet(1), small_schnet(2)]
+    cfg = config(epochs=2, valid_fraction=0.2, test_fraction=0.2)
+    result = train_committee(members, frames[:20], cfg, bootstrap=True, device="cpu", seed=4, out_dir=tmp_path,
+                             progress=False)
+    assert len(result.valid_idx) == 4 and len(result.test_idx) == 4 and len(result.train_idx) == 12
+    assert not set(result.train_idx) & set(result.valid_idx + result.test_idx)
+    assert [m.n_train for m in result.members] == [12, 12]
+    for k in range(2):
+        assert (tmp_path / f"member_{k}" / "best.pt").is_file()
+    # the committee metric is the error of the members' mean prediction
+    test = [frames[i] for i in result.test_idx]
+    preds = []
+    for m in members:
+        m.eval()
+        out = m(potentials_batch(test), forces=True)
+        preds.append(out["forces"].detach())
+    ref = np.concatenate([a.arrays[REF_FORCES] for a in test])
+    rmse = float(np.sqrt(np.mean((torch.stack(preds).mean(0).numpy() - ref) ** 2)))
+    assert result.metrics["test"]["forces_rmse"] == pytest.approx(rmse, rel=1e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_idx"] == list(result.test_idx)
+
+
+def potentials_batch(frames):
+    from alflow.graph import atoms_to_batch
+
+    return atoms_to_batch(frames, CUTOFF)
+
+
+def test_cli_train_end_to_end(frames, tmp_path, capsys):
+    data = tmp_path / "data.extxyz"
+    write_extxyz_atomic(frames[:12], data)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: tiny
+        system:
+          build: {{element: Cu, cubic: true}}
+        potential:
+          architecture: schnet
+          cutoff: {CUTOFF}
+          hparams: {json.dumps(HPARAMS)}
+        committee: {{size: 2}}
+        training: {{epochs: 2, batch_size: 4, valid_fraction: 0.25}}
+        """))
+    out = tmp_path / "out"
+    assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "committee" in text and "member 1" in text
+    committee = potentials.load(out / "committee.pt", device="cpu")
+    assert len(committee.members) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["valid"]["n_frames"] == 3 and len(metrics["members"]) == 2
+    assert main(["train", str(cfg), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    assert "no dataset" in capsys.readouterr().err
