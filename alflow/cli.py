@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "check a run configuration (YAML) and report every error with its field path"),
     "schema": ("schema", "print the JSON schema of the run configuration (for editors)"),
     "data": ("data", "inspect and import labelled datasets (summary, import, export, split, e0)"),
+    "label": ("label", "label frames with an oracle (EMT, GPAW, QE, CP2K, xtb, any ASE calculator)"),
+    "select": ("select", "choose frames to label from scored trajectories"),
     "train": ("train", "train a committee of potentials on a labelled dataset"),
 }
 

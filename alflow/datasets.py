@@ -23,7 +23,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.constraints import FixCom
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from alflow.keys import LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, STEP
 
@@ -129,7 +129,7 @@ def cu_emt_dataset(
             applied = float(np.abs(m - np.eye(3)).max())
         atoms.calc = EMT()
         temp = float(temps[run])
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temp, rng=run_rng)
+        thermalize_momenta(atoms, temp, rng=run_rng)
         Stationary(atoms)
         atoms.set_constraint(FixCom())
         dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temp, friction=friction / units.fs,

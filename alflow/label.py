@@ -173,7 +173,7 @@ def run_calculation(
     (taskdir / "task.json").write_text(json.dumps(task, default=str))
     t0 = time.monotonic()
     with open(taskdir / "worker.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "alflow.label_worker", str(taskdir)], cwd=taskdir,
+        proc = subprocess.Popen([sys.executable, "-m", "alflow.label_worker", str(taskdir), "--parent", str(os.getpid())], cwd=taskdir,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_worker_env(threads, extra_path), start_new_session=True)
         try:

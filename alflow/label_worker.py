@@ -1,4 +1,4 @@
-"""One isolated single-point calculation: ``python -m alflow.label_worker TASKDIR``.
+"""One isolated single-point calculation: ``python -m alflow.label_worker TASKDIR --parent PID``.
 
 The parent (``alflow.label.run_calculation``) writes ``TASKDIR/task.json`` (the
 frame as numbers/positions/cell/pbc/magmoms, oracle, parameters, k-point
@@ -46,18 +46,30 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _watch_parent(interval: float = 0.5) -> None:
-    """Kill this process group when the parent process is gone (reparented)."""
-    parent = os.getppid()
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Kill this process group when the parent process ``parent`` is gone (we were reparented).
+
+    ``parent`` comes from the command line: a parent killed while this process
+    was still starting is noticed at once.
+    """
+
+    def gone() -> bool:
+        return os.getppid() != parent
+
+    def die() -> None:
+        try:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        finally:
+            os._exit(137)
+
+    if gone():
+        die()
 
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != parent:
-                try:
-                    os.killpg(os.getpgrp(), signal.SIGKILL)
-                finally:
-                    os._exit(137)
+            if gone():
+                die()
 
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
@@ -132,11 +144,11 @@ def classify_exception(err: BaseException, log_text: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m alflow.label_worker TASKDIR", file=sys.stderr)
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--parent"):
+        print("usage: python -m alflow.label_worker TASKDIR [--parent PID]", file=sys.stderr)
         return 2
     taskdir = Path(argv[0]).resolve()
-    _watch_parent()
+    _watch_parent(int(argv[2]) if len(argv) == 3 else os.getppid())
     task = json.loads((taskdir / "task.json").read_text())
     try:
         payload = compute(task, taskdir)

@@ -8,7 +8,8 @@ cached per-frame graphs (edge indices offset by the atoms before them).
 energy MAE/RMSE per atom in eV/atom, force MAE/RMSE over Cartesian components in
 eV/Å, stress RMSE over the 9 components of frames that carry a stress in eV/Å³
 (None when no frame does). For a committee (anything with ``members``) the
-errors are those of the members' mean prediction.
+errors are those of the members' mean prediction: a ``Committee``'s own forward
+(its ``energy``/``forces``/``stress`` are the means), or the mean of a list of models.
 """
 
 from __future__ import annotations
@@ -185,11 +186,10 @@ def evaluate(
     """
     if not frames:
         raise ValueError("frames: expected at least one labelled frame to evaluate, got none")
-    members = members_of(model)
-    cutoffs = {float(m.cutoff) for m in members}
+    cutoffs = {float(m.cutoff) for m in members_of(model)}
     if len(cutoffs) != 1:
         raise ValueError(f"committee members have different cutoffs {sorted(cutoffs)}; expected one")
     target = resolve_device(device) if device is not None else model_device(model)
     model.to(target)
     cache = GraphCache(frames, cutoffs.pop(), model_dtype(model), target)
-    return public(evaluate_cached(members, cache, range(len(cache)), batch_size))
+    return public(evaluate_cached([model], cache, range(len(cache)), batch_size))

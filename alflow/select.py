@@ -74,7 +74,7 @@ PREDICTED_FORCES_KEYS = ("committee_mean_forces", "mean_forces", "forces")  # ar
 DESCRIPTOR_CUTOFF = 5.0  # Å
 DESCRIPTOR_GRID = np.linspace(0.5, DESCRIPTOR_CUTOFF, 19)  # Å, Gaussian centres
 DESCRIPTOR_SIGMA = 0.25  # Å
-DATASET_DISTANCE = 2e-3  # default exclusion radius in descriptor space: near-duplicates (docs/labelling.md)
+DATASET_DISTANCE = 2e-4  # default exclusion radius in descriptor space: near-duplicates (docs/labelling.md)
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
 
 

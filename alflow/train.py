@@ -82,7 +82,7 @@ class TrainResult:
     metrics: dict[str, dict[str, Any]]
     checkpoint: str | None = None
     metrics_path: str | None = None
-    history: tuple[dict[str, float], ...] = ()
+    history: tuple[dict[str, float | None], ...] = ()  # per epoch; epoch 0 = before training
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "history": [dict(h) for h in self.history], "units": UNITS}
@@ -283,7 +283,7 @@ def _fit(
     if not math.isfinite(initial_loss):
         raise TrainingError(f"{desc}: the initial validation loss is {initial_loss}; check the model and the labels")
     best_loss, best_epoch, best_state = initial_loss, 0, keep_best()
-    history = [{"epoch": 0, "train_loss": float("nan"), "valid_loss": initial_loss,
+    history = [{"epoch": 0, "train_loss": None, "valid_loss": initial_loss,
                 "valid_forces_rmse": m0["forces_rmse"], "lr": config.lr, "seconds": time.perf_counter() - start}]
     stop_reason, bad_epochs, epoch = "max_epochs", 0, 0
 
@@ -399,6 +399,8 @@ def train_potential(
     ``metrics.json`` (the result, units in ``UNITS``). On return the model holds the
     best weights, on ``device``.
     """
+    if hasattr(model, "members"):
+        raise TypeError("train_potential: got a committee; use train_committee to train its members")
     _need_split(len(train_frames), len(valid_frames), "")
     frames = [*train_frames, *valid_frames, *test_frames]
     check_frames(frames, model.species, "dataset")
@@ -461,8 +463,11 @@ def train_committee(
     train_idx, valid_idx, test_idx = split(len(frames), fractions, seed)
     _need_split(len(train_idx), len(valid_idx), "")
     start = time.perf_counter()
-    for m in members:
-        target = _prepare(m, device, dtype)
+    if isinstance(models, nn.Module):
+        target = _prepare(models, device, dtype)  # a Committee: its own buffers move too
+    else:
+        for m in members:
+            target = _prepare(m, device, dtype)
     cache = GraphCache(frames, cutoffs.pop(), model_dtype(members[0]), target)
     out = Path(out_dir) if out_dir is not None else None
     results = []
@@ -476,7 +481,8 @@ def train_committee(
         results.append(_fit(member, cache, idx, valid_idx, test_idx, config, seed=seed + k,
                             out_dir=out / f"member_{k}" if out is not None else None, progress=progress,
                             warm=source is not None, desc=f"member {k + 1}/{len(members)}"))
-    metrics = {name: public(evaluate_cached(members, cache, idx, config.batch_size))
+    evaluators = [models] if isinstance(models, nn.Module) and hasattr(models, "members") else members
+    metrics = {name: public(evaluate_cached(evaluators, cache, idx, config.batch_size))
                for name, idx in (("train", train_idx), ("valid", valid_idx), ("test", test_idx)) if len(idx)}
     checkpoint = None
     if out is not None and isinstance(models, nn.Module) and hasattr(models, "members"):

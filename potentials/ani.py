@@ -28,9 +28,10 @@ Defaults (ANI-2x): η_R = 19.7 Å⁻², 16 radial shifts from 0.8 Å; η_A = 12.
     n_species · n_radial + n_species (n_species + 1) / 2 · n_angular · n_angle_sections
 
 Atomic networks: one MLP per species, AEV → 160 → 128 → 96 → 1 with CELU(α = 0.1)
-(the ANI-2x widths for S, F, Cl). The AEV is standardised with buffers ``aev_mean`` /
-``aev_std`` (identity until :meth:`ANI.fit_aev_standardization` is called on training data;
-they are saved with the checkpoint).
+(the ANI-2x widths for S, F, Cl). Optional AEV standardisation: the network sees
+(AEV - ``aev_mean``) / ``aev_std``, buffers saved with the checkpoint, identity unless
+:meth:`ANI.fit_aev_standardization` is called on training data (not needed: on EMT Cu the raw
+AEV, whose entries are O(0.01–1), trained faster than the standardised one).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class ANI(Potential):
     def fit_aev_standardization(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Set ``aev_mean`` / ``aev_std`` to the per-feature mean and standard deviation over all atoms of ``batches``.
 
-        Features that never vary (e.g. a species pair absent from the data) keep std 1.
+        The std is floored at 1 % of the largest feature std, so that features which barely vary
+        (far Gaussian tails, a species pair absent from the data) are centred but not amplified.
         """
         total, total_sq, count = 0.0, 0.0, 0
         for batch in batches:
@@ -197,7 +199,9 @@ class ANI(Potential):
             raise ValueError("batches: expected at least one atom to fit the AEV standardisation")
         mean = total / count
         std = (total_sq / count - mean**2).clamp_min(0.0).sqrt()
-        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        # floor: features that barely vary (Gaussian tails, ~1e-12) must not be blown up into noise
+        floor = 0.01 * std.max() if bool(std.max() > 0) else torch.ones_like(std.max())
+        std = std.clamp_min(floor)
         self.aev_mean.copy_(mean.to(self.aev_mean))
         self.aev_std.copy_(std.to(self.aev_std))
 

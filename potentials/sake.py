@@ -12,7 +12,7 @@ One layer (node features h (N, F), heads H, edges i ← j with D = r_j - r_i + S
     edge       e_ij = MLP([h_i, h_j, rbf(d) ⊙ W[h_i, h_j], d])                        (E, F)
     attention  a_ij^h = exp(s_ij^h - γ_h d_ij) f_cut(d_ij) / Σ_k exp(s_ik^h - γ_h d_ik) f_cut(d_ik)
                s = CELU_2(W_s e) semantic logits, γ_h > 0 learned Euclidean decay    (E, H), Σ_j a_ij^h = 1
-    messages   m_ij = e_ij ⊗ a_ij                                                     (E, F·H)
+    messages   m_ij = e_ij ⊗ a_ij f_cut(d_ij)                                         (E, F·H)
     spatial    u_i = Σ_j tanh(W_x m_ij) ⊗ r̂_ij   → |u_i|² → MLP                       (N, F·H, 3) → (N, F)
     node       h_i ← h_i + MLP([h_i, Σ_j m_ij, MLP(|u_i|²)])
     readout    E_i = MLP(h_i)
@@ -20,8 +20,10 @@ One layer (node features h (N, F), heads H, edges i ← j with D = r_j - r_i + S
 Deviations from the reference, for a smooth potential with a finite cutoff: the
 paper's softmax(softmax(semantic) · softmax(Euclidean)) is replaced by one
 softmax of the summed logits (a product of the unnormalised attentions) times
-the cutoff, and the spatial combinations are summed rather than averaged, so
-that a neighbour entering at the cutoff changes nothing discontinuously.
+the cutoff, the messages are weighted by the cutoff once more (a centre whose
+only neighbour sits at the cutoff has a = 1 there), and the spatial combinations
+are summed rather than averaged, so that a neighbour entering or leaving the
+cutoff changes nothing discontinuously (energies and forces are continuous).
 The coordinate/velocity ("kinetic") updates are left out: an energy model needs
 fixed coordinates, and moving x inside the network would invalidate the periodic
 neighbour list and the cutoff (modelforge's SAKE does the same). The vector
@@ -74,13 +76,15 @@ class SAKELayer(nn.Module):
         h: torch.Tensor,
         d: torch.Tensor,
         rbf: torch.Tensor,
-        log_cut: torch.Tensor,
+        cut: torch.Tensor,
         idx_i: torch.Tensor,
         idx_j: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge features e_ij (E, F) and attention weights a_ij (E, H), normalised over each centre's neighbours."""
         h_cat = torch.cat([h[idx_i], h[idx_j]], dim=-1)
         e = self.edge_mlp(torch.cat([h_cat, rbf * self.filter_in(h_cat), d[:, None]], dim=-1))
+        # log f_cut, finite for pairs at (or numerically past) the cutoff: their weight underflows to 0
+        log_cut = torch.log(cut.clamp_min(torch.finfo(cut.dtype).tiny))
         logits = self.semantic(e) - torch.exp(self.log_gamma) * d[:, None] + log_cut[:, None]
         return e, neighbourhood_softmax(logits, idx_i, h.shape[0])
 
@@ -90,13 +94,14 @@ class SAKELayer(nn.Module):
         d: torch.Tensor,
         direction: torch.Tensor,
         rbf: torch.Tensor,
-        log_cut: torch.Tensor,
+        cut: torch.Tensor,
         idx_i: torch.Tensor,
         idx_j: torch.Tensor,
     ) -> torch.Tensor:
         n = h.shape[0]
-        e, att = self.edges_and_attention(h, d, rbf, log_cut, idx_i, idx_j)
-        m = (e[:, :, None] * att[:, None, :]).flatten(1)  # (E, F·H)
+        e, att = self.edges_and_attention(h, d, rbf, cut, idx_i, idx_j)
+        # × f_cut once more: a lone neighbour at the cutoff has a = 1 but must fade out
+        m = (e[:, :, None] * (att * cut[:, None])[:, None, :]).flatten(1)  # (E, F·H)
         combinations = scatter_sum(self.x_mixing(m)[:, :, None] * direction[:, None, :], idx_i, n)  # (N, F·H, 3)
         spatial = self.post_norm_mlp(combinations.pow(2).sum(-1))
         return h + self.node_mlp(torch.cat([h, scatter_sum(m, idx_i, n), spatial], dim=-1))
@@ -138,25 +143,23 @@ class SAKE(Potential):
     def _geometry(self, vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = torch.linalg.vector_norm(vectors, dim=-1)
         direction = vectors / d[:, None]  # r̂_ij = (x_j - x_i + S @ cell) / d; d > 0 for distinct images
-        # log f_cut, finite for pairs at (or numerically past) the cutoff: their weight underflows to 0
-        log_cut = torch.log(self.cutoff_fn(d).clamp_min(torch.finfo(d.dtype).tiny))
-        return d, direction, self.radial_basis(d), log_cut
+        return d, direction, self.radial_basis(d), self.cutoff_fn(d)
 
     def atomic_energies(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         idx_i, idx_j = batch[keys.EDGE_INDEX]
-        d, direction, rbf, log_cut = self._geometry(vectors)
+        d, direction, rbf, cut = self._geometry(vectors)
         h = self.embedding(species).to(vectors.dtype)
         for layer in self.layers:
-            h = layer(h, d, direction, rbf, log_cut, idx_i, idx_j)
+            h = layer(h, d, direction, rbf, cut, idx_i, idx_j)
         return self.readout(h).squeeze(-1)
 
     def attention_weights(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights a_ij (E, H) of every layer, for inspection and tests."""
         idx_i, idx_j = batch[keys.EDGE_INDEX]
-        d, direction, rbf, log_cut = self._geometry(vectors)
+        d, direction, rbf, cut = self._geometry(vectors)
         h = self.embedding(self.species_index(batch[keys.NUMBERS])).to(vectors.dtype)
         weights = []
         for layer in self.layers:
-            weights.append(layer.edges_and_attention(h, d, rbf, log_cut, idx_i, idx_j)[1])
-            h = layer(h, d, direction, rbf, log_cut, idx_i, idx_j)
+            weights.append(layer.edges_and_attention(h, d, rbf, cut, idx_i, idx_j)[1])
+            h = layer(h, d, direction, rbf, cut, idx_i, idx_j)
         return weights

@@ -31,7 +31,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.io import write
 from ase.md.md import MolecularDynamics
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from alflow import keys
 from alflow.explore.evaluator import LockstepBatcher, ModelEvaluator
@@ -101,7 +101,7 @@ def make_dynamics(atoms: Atoms, spec: WalkerSpec) -> MolecularDynamics:
     if spec.ensemble == "nvt-langevin":
         from ase.md.langevin import Langevin
 
-        return Langevin(atoms, timestep=dt, temperature_K=temperature, friction=spec.friction / units.fs, rng=rng)
+        return Langevin(atoms, timestep=dt, temperature_K=temperature, friction=spec.friction / units.fs, rng=rng, fixcm=False)
     if spec.ensemble == "nvt-svr":
         from ase.md.bussi import Bussi
 
@@ -193,7 +193,7 @@ def run_walker(
     status, message, step, frames, above, worst = DONE, "", 0, 0, 0, 0.0
     temperature = ramp(spec.temperature, 0.0)
     try:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(spec.seed))
+        thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(spec.seed))
         Stationary(atoms)
         dyn = make_dynamics(atoms, spec)
         for step in range(spec.steps + 1):

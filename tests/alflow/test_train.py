@@ -39,6 +39,15 @@ def config(**kw) -> TrainingConfig:
     return TrainingConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the test machine's few cores are shared, and oversubscription is ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def frames():
     """40 Cu32 frames from 4 short Langevin runs (300-1500 K), EMT labels."""

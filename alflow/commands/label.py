@@ -1,0 +1,107 @@
+"""``alflow label``: label frames with an oracle and append them to a dataset, restartably.
+
+    alflow label selected.extxyz --oracle gpaw --param mode.ecut=400 --kpoint-density 3.5 --dataset data/
+
+Rerunning the same command after a kill continues where it stopped (frames in
+the dataset or finally failed are skipped). Failures go to
+``WORKDIR/failures.jsonl``. ``--config run.yaml`` takes the ``labelling``
+section of a run configuration; command-line options override it.
+Bad input prints one line to stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("frames", nargs="+", help="structure files (extxyz, ...) with the frames to label")
+    parser.add_argument("--dataset", required=True, help="dataset directory (created if absent)")
+    parser.add_argument("--oracle", default=None, help="emt, gpaw, espresso, cp2k, xtb, chgnet, sevenn, vasp or module:Class")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="oracle parameter (YAML value; dotted keys nest: mode.ecut=400); repeatable")
+    parser.add_argument("--fallback", action="append", default=[], metavar="YAML",
+                        help="parameter overrides for a retry, e.g. '{mixing_beta: 0.1}'; repeatable (in order)")
+    parser.add_argument("--config", default=None, help="run configuration YAML: use its labelling section")
+    parser.add_argument("--kpoint-density", type=float, default=None, help="k-points per Å⁻¹ (Γ-centred grid)")
+    parser.add_argument("--timeout", type=float, default=None, help="wall-clock limit per calculation (s)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP threads per calculation")
+    parser.add_argument("--retries", type=int, default=None, help="retries of a failed calculation")
+    parser.add_argument("--workers", type=int, default=1, help="calculations at once (default 1)")
+    parser.add_argument("--workdir", default=None, help="scratch + failures.jsonl (default DATASET/labelling)")
+    parser.add_argument("--retry-failed", action="store_true", help="try finally-failed frames again")
+    parser.add_argument("--keep-scratch", action="store_true", help="keep scratch dirs of successful calculations")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "mode.ecut=400", "xc=PBE"]`` -> ``{"a": 1, "mode": {"ecut": 400}, "xc": "PBE"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        value = yaml.safe_load(text) if text else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--param {item!r}: {part!r} is already set to a non-mapping value")
+        node[parts[-1]] = value
+    return out
+
+
+def _config(args: argparse.Namespace):
+    from alflow.config import LabellingConfig, load_config
+    from alflow.oracles import deep_merge
+
+    base = load_config(args.config).labelling.model_dump() if args.config else {}
+    if args.oracle is not None:
+        if base.get("oracle") not in (None, args.oracle):
+            base["parameters"] = {}
+        base["oracle"] = args.oracle
+    base["parameters"] = deep_merge(base.get("parameters", {}), parse_params(args.param))
+    if args.fallback:
+        fallbacks = [yaml.safe_load(f) for f in args.fallback]
+        if not all(isinstance(f, dict) for f in fallbacks):
+            raise ValueError("--fallback: expected YAML mappings such as '{mixing_beta: 0.1}'")
+        base["fallback_parameters"] = fallbacks
+    for key, value in (("kpoint_density", args.kpoint_density), ("timeout_s", args.timeout),
+                       ("threads", args.threads), ("retries", args.retries)):
+        if value is not None:
+            base[key] = value
+    return LabellingConfig(**base)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from alflow.config import ConfigError
+    from alflow.data import Dataset, DatasetError
+    from alflow.io import read_frames
+    from alflow.label import label_frames
+
+    try:
+        cfg = _config(args)
+        frames = []
+        for f in args.frames:
+            frames += read_frames(f)
+    except (ValueError, ValidationError, ConfigError, FileNotFoundError, DatasetError) as err:
+        print(f"alflow label: {str(err).splitlines()[0] if isinstance(err, ValidationError) else err}", file=sys.stderr)
+        return 2
+    ds = Dataset(args.dataset)
+    workdir = Path(args.workdir) if args.workdir else ds.path / "labelling"
+    print(f"labelling {len(frames)} frame(s) with {cfg.oracle} -> {ds.path} (work: {workdir})", file=sys.stderr)
+    res = label_frames(frames, cfg, ds, workdir, progress=not args.no_progress, max_workers=args.workers,
+                       retry_failed=args.retry_failed, keep_scratch=args.keep_scratch)
+    print(f"labelled {res.n_labelled}, failed {res.n_failed}, skipped {res.n_skipped} (already done) "
+          f"of {res.n_frames} frame(s) in {res.elapsed_s:.1f} s; dataset has {len(ds)} frame(s)")
+    if res.n_failed:
+        print(f"failure records: {res.failures}")
+    return 0 if res.n_failed == 0 else 1
