@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("label", "label frames with an oracle (EMT, GPAW, QE, CP2K, xtb, any ASE calculator)"),
     "select": ("select", "choose frames to label from scored trajectories"),
     "train": ("train", "train a committee of potentials on a labelled dataset"),
+    "md": ("md", "run MD walkers (ASE or i-PI) with a committee and score every frame"),
+    "ipi-driver": ("ipi_driver", "serve a potential or committee to an i-PI server over a socket"),
 }
 
 

@@ -1,18 +1,20 @@
 """AIMNet2: atoms-in-molecules network with iterative charge equilibration.
 
 Anstine, Zubatyuk, Isayev, "AIMNet2: a neural network potential to meet your
-neutral, charged, organic, and elemental-organic needs", Chem. Sci. 16, 10228
-(2025), ChemRxiv 2023-296ch; layout follows isayevlab/aimnetcentral
+neutral, charged, organic, and elemental-organic needs", Chem. Sci. (2025),
+preprint ChemRxiv (2024); layout follows isayevlab/aimnetcentral
 (``modules/aev.py``, ``models/aimnet2.py``, ``ops.nse``). What it adds over a
 SchNet-like model: per-atom partial charges q_i that are passed along with the
 atom-in-molecule (AIM) features a_i and kept exactly conserved per structure.
 
-    geometry   g_ij = exp(-(d - μ_k)²/2w²) f_cut(d)  (E, G),    r̂_ij = D/|D|,  D = r_j - r_i + S @ cell
-    conv(x)    radial  Σ_j x_j ⊗ g_ij                          (N, C·G)
-               vector  u_i = Σ_j x_j ⊗ (Σ_k g_ij,k A_ckh) ⊗ r̂_ij  (N, C, H, 3) → |u_i|² (N, C·H), rotation invariant
+    geometry   g_ij = exp(-(d - μ_k)²/2w²) f_cut(d)  (E, G);   r̂_ij = D/|D|,  D = r_j - r_i + S @ cell
+    conv(x)    radial  Σ_j x_j ⊗ g_ij                               (N, C·G)
+               vector  u_i = Σ_j x_j ⊗ (Σ_k g_ij,k A_ckh) ⊗ r̂_ij      (N, C, H, 3)
+                       → |u_i|² (N, C·H), rotation invariant
     pass 0     [a, conv(a)]                 → MLP → (q, f, Δa)
     pass t     [a, conv(a), q, conv(q)]     → MLP → (Δq, f, Δa);  q += Δq,  a += Δa
-    charge     q_i ← q_i - f_i / Σ_s f · (Σ_s q - Q_s)  per structure s,  f_i = softplus(·) > 0,  Q_s = batch["charge"] or 0
+    charge     q_i ← q_i - f_i / Σ_s f · (Σ_s q - Q_s)  per structure s,
+               f_i = softplus(·) > 0,  Q_s = batch["charge"] or 0
     last pass  [a, conv(a), q, conv(q)]     → MLP → AIM vector → MLP → E_i
 
 Optional Coulomb energy (``coulomb=True``) from the final charges, inside the
@@ -127,7 +129,8 @@ class AIMNet2(Potential):
         coulomb_alpha: float = 0.2,
     ) -> None:
         super().__init__(species, cutoff)
-        for name, value in (("n_features", n_features), ("n_rbf", n_rbf), ("n_vector", n_vector), ("aim_size", aim_size)):
+        sizes = (("n_features", n_features), ("n_rbf", n_rbf), ("n_vector", n_vector), ("aim_size", aim_size))
+        for name, value in sizes:
             if int(value) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if int(n_passes) < 2:

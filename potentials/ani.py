@@ -12,12 +12,15 @@ f_c(r; R_c) = ½ (cos(π r / R_c) + 1) for r < R_c:
     radial, per neighbour species Z and shift R_s:
         G^R = ¼ Σ_{j ∈ Z} exp(-η_R (R_ij - R_s)²) f_c(R_ij; R_cr)
     angular, per unordered species pair {Z, Z'} and shifts (R_s, θ_s):
-        G^A = 2 Σ_{{j,k}} ((1 + cos(θ_ijk - θ_s)) / 2)^ζ exp(-η_A ((R_ij + R_ik)/2 - R_s)²) f_c(R_ij; R_ca) f_c(R_ik; R_ca)
-            = 2^{1-ζ} Σ_{{j,k}} (1 + cos(θ_ijk - θ_s))^ζ …,   each unordered pair of distinct edges once
+        G^A = 2^{1-ζ} Σ_{{j,k}} (1 + cos(θ_ijk - θ_s))^ζ exp(-η_A ((R_ij + R_ik)/2 - R_s)²)
+                                                             · f_c(R_ij; R_ca) f_c(R_ik; R_ca)
+    summed over each unordered pair {j, k} of distinct edges once (torchani: 2 ((1 + cos(θ - θ_s)) / 2)^ζ …)
 
 The ¼ and the 0.95 factor on cos θ (θ = arccos(0.95 cos θ_ijk), which keeps the
 derivative finite at 0 and π) follow NeuroChem/torchani. Pairs are pairs of
-distinct *edges* (periodic images), so cells smaller than the cutoff work.
+distinct *edges* (periodic images), so cells smaller than the cutoff work; they come from
+``potentials.triplets`` (inside a committee's ``torch.vmap`` the angular edge selection is the
+union over members, ``union_over_vmap``, so a committee of ANI models runs vectorised).
 
 Cutoffs: the radial cutoff R_cr is the model's ``cutoff`` (ANI-2x: 5.1 Å); the angular
 cutoff is R_ca = min(``angular_cutoff``, cutoff) (ANI-2x: 3.5 Å). Shifts cover
@@ -46,7 +49,7 @@ from alflow import keys
 from alflow.neighbors import edge_vectors
 from potentials.base import Potential
 from potentials.layers import CosineCutoff, mlp, scatter_sum
-from potentials.triplets import triplets
+from potentials.triplets import triplets, union_over_vmap
 
 
 class AEV(nn.Module):
@@ -101,7 +104,8 @@ class AEV(nn.Module):
         radial = 0.25 * torch.exp(-self.radial_eta * (d[:, None] - self.radial_shifts) ** 2) * self.radial_fc(d)[:, None]
         radial = scatter_sum(radial, idx_i * self.n_species + species[idx_j], n_atoms * self.n_species)
         # angular: unordered pairs of distinct edges around each centre, both within R_ca
-        a, b = triplets(edge_index, n_atoms, d < self.angular_cutoff, ordered=False)
+        # inside a committee's vmap the selection is the union over members (same geometry); f_c is exact per member
+        a, b = triplets(edge_index, n_atoms, union_over_vmap(d < self.angular_cutoff), ordered=False)
         da, db = d[a], d[b]
         cos = 0.95 * (vectors[a] * vectors[b]).sum(-1) / (da * db)
         sin = torch.sqrt(1.0 - cos**2)

@@ -107,6 +107,7 @@ class Committee(nn.Module):
         self._vmap_error: str | None = None  # set once vmap has failed for this architecture
         self._stack_key: tuple | None = None
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self.train(ref.training)  # a committee of eval-mode members starts in eval mode
 
     # ------------------------------------------------------------------ basics
 

@@ -133,7 +133,9 @@ class SAKE(Potential):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if int(n_layers) < 0:
             raise ValueError(f"n_layers: expected a non-negative integer, got {n_layers!r}")
-        self.hparams = dict(hidden_features=int(hidden_features), n_layers=int(n_layers), n_heads=int(n_heads), n_rbf=int(n_rbf))
+        self.hparams = dict(
+            hidden_features=int(hidden_features), n_layers=int(n_layers), n_heads=int(n_heads), n_rbf=int(n_rbf)
+        )
         self.embedding = nn.Embedding(len(self.species), hidden_features)
         self.radial_basis = ExponentialRBF(n_rbf, self.cutoff)
         self.cutoff_fn = CosineCutoff(self.cutoff)

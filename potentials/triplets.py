@@ -17,7 +17,27 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["triplets"]
+__all__ = ["triplets", "union_over_vmap"]
+
+
+def union_over_vmap(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask made plain (unbatched) inside ``torch.vmap``: the union over the mapped members.
+
+    Selecting edges with a mask computed from batched distances is a dynamic shape, which
+    ``torch.vmap`` refuses (a committee maps one potential over stacked member parameters,
+    ``potentials.committee``). Members share the geometry, so the union is every member's own
+    mask; the caller keeps an exact per-member cutoff factor (zero outside). Outside vmap this
+    returns ``mask`` unchanged. Uses torch's functorch internals; without them the mask is returned
+    as is (and vmap then falls back to sequential members).
+    """
+    try:
+        from torch._C import _functorch
+    except ImportError:  # pragma: no cover
+        return mask
+    while _functorch.is_batchedtensor(mask):
+        unwrapped, bdim = _functorch._unwrap_batched(mask, _functorch.maybe_get_level(mask))
+        mask = unwrapped.any(dim=bdim) if bdim is not None else unwrapped
+    return mask
 
 
 def triplets(
@@ -47,7 +67,9 @@ def triplets(
     edges = torch.arange(centre.shape[0], device=device)
     if mask is not None:
         if mask.shape != centre.shape or mask.dtype != torch.bool:
-            raise ValueError(f"mask: expected a bool tensor of shape ({centre.shape[0]},), got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask: expected a bool tensor of shape ({centre.shape[0]},), got {mask.dtype} {tuple(mask.shape)}"
+            )
         edges = edges[mask]
     centre_sorted, order = torch.sort(centre[edges], stable=True)
     edges = edges[order]

@@ -92,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
         frames = []
         for f in args.frames:
             frames += read_frames(f)
-    except (ValueError, ValidationError, ConfigError, FileNotFoundError, DatasetError) as err:
-        print(f"alflow label: {str(err).splitlines()[0] if isinstance(err, ValidationError) else err}", file=sys.stderr)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors(include_url=False))
+        print(f"alflow label: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, ConfigError, FileNotFoundError, DatasetError) as err:
+        print(f"alflow label: {err}", file=sys.stderr)
         return 2
     ds = Dataset(args.dataset)
     workdir = Path(args.workdir) if args.workdir else ds.path / "labelling"

@@ -70,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = Dataset(args.dataset, create=False) if args.dataset else None
         sel = select_frames(trajectories, cfg, dataset, seed=args.seed, budget=args.budget,
                             dataset_distance=DATASET_DISTANCE if args.dataset_distance is None else args.dataset_distance)
-    except (ValueError, ValidationError, ConfigError, FileNotFoundError) as err:
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors(include_url=False))
+        print(f"alflow select: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, ConfigError, FileNotFoundError) as err:
         print(f"alflow select: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     write_extxyz_atomic(sel.frames, args.out)

@@ -1,7 +1,9 @@
 """Misbehaving ASE calculators for the labelling tests (used as import-path oracles "oracle_fixtures:Name").
 
 The label workers import this module through the ``worker_pythonpath`` parameter
-(this directory), so nothing here runs in the test process itself.
+(this directory). EMT is imported only inside ``calculate`` (it pulls in scipy,
+~1 s per worker start), and ``SleepyHarmonic`` needs numpy only, so the resume
+test with many short calculations stays fast.
 """
 
 from __future__ import annotations
@@ -10,57 +12,96 @@ import os
 import signal
 import time
 
-from ase.calculators.calculator import all_changes
-from ase.calculators.emt import EMT
+from ase.calculators.calculator import Calculator, all_changes
 
 
-class CrashOnAl(EMT):
+class _EMT(Calculator):
+    """ASE EMT behind a lazy import; subclasses add the misbehaviour in ``before``/``after``."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def before(self, atoms) -> None:
+        """Hook run before the EMT calculation."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.before(self.atoms)
+        from ase.calculators.emt import EMT
+
+        emt = EMT()
+        emt.calculate(self.atoms, list(properties), system_changes)
+        self.results = dict(emt.results)
+
+
+class CrashOnAl(_EMT):
     """EMT, but a frame containing Al kills the process: SIGSEGV (``how="segv"``) or ``os._exit(3)``."""
 
     def __init__(self, how: str = "segv", **kwargs):
         super().__init__(**kwargs)
         self.how = how
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+    def before(self, atoms) -> None:
         if 13 in atoms.numbers:
             if self.how == "segv":
                 os.kill(os.getpid(), signal.SIGSEGV)
             os._exit(3)
-        super().calculate(atoms, properties, system_changes)
 
 
-class SleepyEMT(EMT):
+class SleepyEMT(_EMT):
     """EMT after sleeping ``delay`` seconds (a slow oracle)."""
 
     def __init__(self, delay: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.delay = delay
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+    def before(self, atoms) -> None:
         time.sleep(self.delay)
-        super().calculate(atoms, properties, system_changes)
 
 
 class SCFError(RuntimeError):
     """Stands in for a DFT code's convergence error."""
 
 
-class FlakyEMT(EMT):
+class FlakyEMT(_EMT):
     """EMT that fails like an unconverged SCF unless ``mixing_beta`` <= 0.2 (fallback parameters fix it)."""
 
     def __init__(self, mixing_beta: float = 0.7, **kwargs):
         super().__init__(**kwargs)
         self.mixing_beta = mixing_beta
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+    def before(self, atoms) -> None:
         if self.mixing_beta > 0.2:
             raise SCFError(f"SCF not converged after 100 iterations (mixing_beta={self.mixing_beta})")
-        super().calculate(atoms, properties, system_changes)
 
 
-class NoStressEMT(EMT):
+class NoStressEMT(_EMT):
     """Claims stress in implemented_properties but never computes it."""
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, [p for p in properties if p != "stress"], system_changes)
         self.results.pop("stress", None)
+
+
+class SleepyHarmonic(Calculator):
+    """E = k/2 Σ_i |r_i - r̄|² (eV, k in eV/Å²) after sleeping ``delay`` s; numpy only, starts fast."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, delay: float = 0.0, k: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.delay, self.k = delay, k
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        time.sleep(self.delay)
+        d = self.atoms.positions - self.atoms.positions.mean(axis=0)
+        self.results = {"energy": 0.5 * self.k * float((d**2).sum()), "forces": -self.k * d}
+
+
+def harmonic_energy(atoms, k: float = 1.0) -> float:
+    """The energy SleepyHarmonic gives (for checks in the test process)."""
+    d = atoms.positions - atoms.positions.mean(axis=0)
+    return 0.5 * k * float((d**2).sum())
+
+
+__all__ = ["CrashOnAl", "FlakyEMT", "NoStressEMT", "SleepyEMT", "SleepyHarmonic", "harmonic_energy"]

@@ -30,6 +30,9 @@ from alflow.keys import LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, ST
 from alflow.label import FAILURES, label_frames, read_failures, reference_energies, run_calculation
 from alflow.oracles import gamma_centred_points, kpoint_grid
 
+sys.path.insert(0, str(Path(__file__).parent))
+from oracle_fixtures import harmonic_energy  # noqa: E402
+
 HERE = str(Path(__file__).parent)
 
 
@@ -153,7 +156,7 @@ def test_killed_labelling_run_resumes_without_loss_or_duplicates(tmp_path):
     ase.io.write(src, frames)
     ds_dir, work = tmp_path / "ds", tmp_path / "work"
     cmd = [sys.executable, "-m", "alflow.cli", "label", str(src), "--dataset", str(ds_dir), "--workdir", str(work),
-           "--oracle", "oracle_fixtures:SleepyEMT", "--param", f"worker_pythonpath={HERE}", "--param", "delay=0.2",
+           "--oracle", "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}", "--param", "delay=0.3",
            "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -174,10 +177,12 @@ def test_killed_labelling_run_resumes_without_loss_or_duplicates(tmp_path):
             pass
     assert not orphans
     assert main(["label", str(src), "--dataset", str(ds_dir), "--workdir", str(work), "--oracle",
-                 "oracle_fixtures:SleepyEMT", "--param", f"worker_pythonpath={HERE}", "--param", "delay=0.2",
+                 "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}", "--param", "delay=0.3",
                  "--no-progress"]) == 0
     ds = Dataset(ds_dir)
     assert ds.hashes == {frame_hash(a) for a in frames}
+    for atoms in ds.frames():
+        assert atoms.info[REF_ENERGY] == pytest.approx(harmonic_energy(atoms), abs=1e-6)
     assert shard_frame_count(ds) == 12  # every frame written exactly once: nothing repeated
     done = [json.loads(line)["frame_hash"] for line in (work / "labelled.jsonl").read_text().splitlines()]
     assert sorted(done) == sorted(set(done)) and len(done) == 12

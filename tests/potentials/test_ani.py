@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ import potentials
 from alflow import keys
 from alflow.graph import atoms_to_batch
 from potentials.ani import ANI
+from potentials.base import compute_properties
+from potentials.committee import Committee
 
 SPECIES = [28, 29]  # Ni, Cu -> species index 0, 1
 
@@ -157,20 +160,21 @@ def test_aev_standardization():
     assert set(ani.state_dict()) >= {"aev_mean", "aev_std"}  # saved with the checkpoint
 
 
-def test_vmap_over_stacked_members():
-    """Energies of two members through torch.func.vmap over stacked parameters equal their own energies."""
-    atoms = rattled_cell()
-    members = [potentials.build("ani", SPECIES, 4.0, hidden=[16, 8]).double().eval() for _ in range(2)]
-    batch = atoms_to_batch(atoms, 4.0, dtype=torch.float64)
-    params, _ = torch.func.stack_module_state(members)
-    buffers = dict(members[0].named_buffers())  # shared (E0, scale, shift, AEV standardisation)
-
-    def energy(p):
-        return torch.func.functional_call(members[0], (p, buffers), (batch,), {"forces": False})[keys.ENERGY]
-
-    stacked = torch.vmap(energy)(params)
-    singles = torch.stack([m(batch, forces=False)[keys.ENERGY] for m in members])
-    torch.testing.assert_close(stacked, singles)
+def test_committee_is_vectorized_and_exact():
+    """A committee of ANI members runs in one torch.vmap pass (angular edge selection: union_over_vmap)."""
+    members = [potentials.build("ani", SPECIES, 4.0, hidden=[16, 8]).double().eval() for _ in range(3)]
+    committee = Committee(members)
+    batch = atoms_to_batch([rattled_cell(), bulk("Ni", "fcc", a=3.52)], members[0].cutoff, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sequential fallback would warn
+        out = committee(batch, forces=True, stress=True)
+    assert committee.vectorized
+    for k, member in enumerate(members):
+        ref = compute_properties(member, batch, forces=True, stress=True)
+        torch.testing.assert_close(out[keys.ENERGIES][k], ref[keys.ENERGY], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.FORCES_COMM][k], ref[keys.FORCES], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.STRESS_COMM][k], ref[keys.STRESS], rtol=1e-10, atol=1e-12)
+    assert float(out[keys.FORCES_VAR].detach().max()) > 1e-8  # the members differ
 
 
 @pytest.fixture

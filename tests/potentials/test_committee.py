@@ -23,8 +23,8 @@ from potentials.committee import FORCE_DEVIATION, Committee
 
 # every registered architecture; MACE takes ~10 s per member to build (TorchScript), so it is `slow`
 ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a == "mace" else a for a in potentials.available()]
-# architectures that cannot be vmapped today and use the sequential fallback (checked below)
-FALLBACK = {"ani": "boolean-mask indexing (dynamic shape)", "mace": "requires_grad_() inside the model"}
+# must take the vmapped path (the others may fall back, with one warning, and must still be exact)
+MUST_VECTORIZE = {"schnet", "painn"}
 
 
 class PairMLP(Potential):
@@ -80,6 +80,7 @@ def committee_of(arch: str, k: int = 3) -> Committee:
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> None:
+    got, want = got.detach(), want.detach()
     scale = max(1.0, float(want.abs().max()))
     err = float((got - want).abs().max())
     assert err <= rel * scale, f"max |diff| {err:.3e} > {rel:g} × {scale:.3g}"
@@ -89,13 +90,15 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> N
 def test_batched_committee_equals_sequential_members(arch):
     """Energies (K, B), forces (K, N, 3), stress (K, B, 3, 3) equal each member's own call, to 1e-10 (float64)."""
     committee = committee_of(arch)
-    frames = structures()
+    frames = structures()[:2]  # 4-atom sheared Cu2Ni2 and 1-atom Ni: small, so every architecture is quick
     batch = atoms_to_batch(frames, committee.cutoff, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = committee(batch, forces=True, stress=True)
-    assert committee.vectorized == (arch not in FALLBACK), [str(w.message) for w in caught]
-    assert len(caught) == (arch in FALLBACK)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == (not committee.vectorized), messages  # a fallback says so, once
+    if arch in MUST_VECTORIZE:
+        assert committee.vectorized, messages
     assert out[keys.ENERGIES].shape == (3, len(frames))
     assert out[keys.FORCES_COMM].shape == (3, sum(map(len, frames)), 3)
     for k, member in enumerate(committee.members):
@@ -212,12 +215,18 @@ def test_training_gradients_reach_every_member():
     out = committee(batch)
     (out[keys.FORCES_COMM] ** 2).sum().backward()
     for member in committee.members:
-        got = [p.grad.clone() for p in member.parameters()]
-        member.zero_grad()
+        got = [_grad(p).clone() for p in member.parameters()]
+        assert any(float(g.abs().max()) > 0 for g in got)
+        member.zero_grad(set_to_none=True)
         ref = compute_properties(member, batch, forces=True, create_graph=True)
         (ref[keys.FORCES] ** 2).sum().backward()
         for g, p in zip(got, member.parameters()):
-            assert_close(g, p.grad, rel=1e-9)
+            assert_close(g, _grad(p), rel=1e-9)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """p.grad, zeros for a parameter the loss does not depend on (e.g. the readout bias of a force loss)."""
+    return torch.zeros_like(p) if p.grad is None else p.grad
 
 
 def test_sequential_fallback_warns_once_and_is_exact():

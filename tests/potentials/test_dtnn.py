@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from ase.calculators.emt import EMT
 import potentials
 from alflow import keys
 from alflow.graph import atoms_to_batch
+from potentials.base import compute_properties
+from potentials.committee import Committee
 
 SPECIES = [28, 29]
 SMALL = dict(n_atom_basis=8, n_factors=6, n_interactions=2, n_rbf=7)
@@ -43,10 +46,15 @@ def small_model(cutoff: float = 4.0, seed: int = 0) -> potentials.Potential:
     return model
 
 
-def test_matches_the_paper_equations():
+def cu_ni_cell() -> Atoms:
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.numbers[[0, 2]] = 28
     atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def test_matches_the_paper_equations():
+    atoms = cu_ni_cell()
     cutoff = 4.0
     model = small_model(cutoff)
     w = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -92,22 +100,21 @@ def test_energy_and_forces_continuous_at_the_cutoff():
     np.testing.assert_allclose(outside[keys.ENERGY], far[keys.ENERGY], rtol=0, atol=1e-12)
 
 
-def test_vmap_over_stacked_members():
-    """Energies through torch.func.vmap over stacked member parameters equal each member's own energies."""
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.numbers[1] = 28
-    atoms.rattle(0.05, seed=1)
+def test_committee_is_vectorized_and_exact():
+    """A committee of DTNN members runs in one torch.vmap pass and reproduces each member."""
     members = [small_model(seed=s) for s in range(3)]
-    batch = atoms_to_batch(atoms, 4.0, dtype=torch.float64)
-    params, _ = torch.func.stack_module_state(members)
-    buffers = dict(members[0].named_buffers())
-
-    def energy(p):
-        return torch.func.functional_call(members[0], (p, buffers), (batch,), {"forces": False})[keys.ENERGY]
-
-    stacked = torch.vmap(energy)(params)
-    singles = torch.stack([m(batch, forces=False)[keys.ENERGY] for m in members])
-    torch.testing.assert_close(stacked, singles)
+    committee = Committee(members)
+    batch = atoms_to_batch([cu_ni_cell(), bulk("Ni", "fcc", a=3.52)], members[0].cutoff, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sequential fallback would warn
+        out = committee(batch, forces=True, stress=True)
+    assert committee.vectorized
+    for k, member in enumerate(members):
+        ref = compute_properties(member, batch, forces=True, stress=True)
+        torch.testing.assert_close(out[keys.ENERGIES][k], ref[keys.ENERGY], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.FORCES_COMM][k], ref[keys.FORCES], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.STRESS_COMM][k], ref[keys.STRESS], rtol=1e-10, atol=1e-12)
+    assert float(out[keys.FORCES_VAR].detach().max()) > 1e-8  # the members differ
 
 
 def test_hparams_and_errors():

@@ -4,6 +4,8 @@ vmap and a short training run. The Potential contract (charges=False) is in test
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from ase.calculators.emt import EMT
 import potentials
 from alflow import keys
 from alflow.graph import atoms_to_batch
+from potentials.base import compute_properties
+from potentials.committee import Committee
 from potentials.physnet import COULOMB_CONSTANT, TOTAL_CHARGE, PhysNet
 
 SPECIES = ["Cu", "Ni"]
@@ -54,7 +58,8 @@ def energy(model: PhysNet, atoms: Atoms) -> float:
 
 
 def test_radial_basis_is_the_papers():
-    """g_k(r) = φ(r) exp(-β (exp(-r) - μ_k)²), φ = 1 - 6x⁵ + 15x⁴ - 10x³, μ_k on [exp(-r_c), 1], β = (2(1 - exp(-r_c))/K)⁻²."""
+    """g_k(r) = φ(r) exp(-β (exp(-r) - μ_k)²), φ = 1 - 6x⁵ + 15x⁴ - 10x³,
+    μ_k evenly on [exp(-r_c), 1], β = (2 (1 - exp(-r_c)) / K)⁻²."""
     model = potentials.build("physnet", SPECIES, 5.0, n_rbf=16).double()
     r = torch.linspace(0.1, 5.5, 40, dtype=torch.float64)
     got = (model.radial_basis(r) * model.cutoff_fn(r)[:, None]).numpy()
@@ -82,7 +87,7 @@ def test_total_charge_is_conserved():
 
 
 def test_coulomb_pair_formula():
-    """Two atoms 2.2 Å apart in a 12 Å box: E = k_e q₁ q₂ [χ s(√(r²+1)) + (1-χ) s(r)], s(r) = 1/r + r/r_c² - 2/r_c."""
+    """A dimer in a 12 Å box: E = k_e q₁ q₂ [χ s(√(r²+1)) + (1-χ) s(r)], s(r) = 1/r + r/r_c² - 2/r_c."""
     model = small_model()
     for r in (1.5, 3.1):  # shielded/bare mix below r_c/2, bare Coulomb above
         atoms = Atoms("CuNi", positions=[[1, 1, 1], [1 + r, 1, 1]], cell=[12, 12, 12], pbc=True)
@@ -107,11 +112,13 @@ def test_coulomb_term_contributes_and_is_smooth_at_the_cutoff():
     edge_index = batch[keys.EDGE_INDEX]
     vectors = (batch[keys.POSITIONS][edge_index[1]] - batch[keys.POSITIONS][edge_index[0]]
                + batch[keys.SHIFTS] @ batch[keys.CELL][0])
-    e_coulomb = float(model.coulomb_energies(batch, vectors, model.partial_charges(batch)).sum())
-    with_q = float(model(batch, forces=False)[keys.ENERGY][0])
-    out, _ = model.atomic_outputs(batch, vectors, model.species_index(batch[keys.NUMBERS]))
+    with torch.no_grad():
+        e_coulomb = float(model.coulomb_energies(batch, vectors, model.partial_charges(batch)).sum())
+        with_q = float(model(batch, forces=False)[keys.ENERGY][0])
+        out, _ = model.atomic_outputs(batch, vectors, model.species_index(batch[keys.NUMBERS]))
     assert abs(e_coulomb) > 1e-3
     assert abs(with_q - (float(out.sum()) + e_coulomb)) < 1e-10
+
     # the pair term and its slope vanish at r_c: a dimer's energy is continuous when it crosses the cutoff
     def dimer(r: float) -> dict[str, np.ndarray]:
         return predict(model, Atoms("CuNi", positions=[[1, 1, 1], [1 + r, 1, 1]], cell=[12, 12, 12], pbc=True))
@@ -167,19 +174,21 @@ def test_charges_model_is_invariant_under_supercells_and_images():
     np.testing.assert_allclose(together[keys.ENERGY], singles, rtol=1e-12)
 
 
-def test_vmap_over_stacked_members():
-    """Energies through torch.func.vmap over stacked member parameters equal each member's own energies."""
+def test_committee_is_vectorized_and_exact():
+    """A committee of PhysNet members with charges runs in one torch.vmap pass and reproduces each member."""
     members = [small_model(seed=s) for s in range(3)]
-    batch = atoms_to_batch(frames(), CUTOFF, dtype=torch.float64)
-    params, _ = torch.func.stack_module_state(members)
-    buffers = dict(members[0].named_buffers())
-
-    def energy_of(p):
-        return torch.func.functional_call(members[0], (p, buffers), (batch,), {"forces": False})[keys.ENERGY]
-
-    stacked = torch.vmap(energy_of)(params)
-    singles = torch.stack([m(batch, forces=False)[keys.ENERGY] for m in members])
-    torch.testing.assert_close(stacked, singles)
+    committee = Committee(members)
+    batch = atoms_to_batch(frames(), members[0].cutoff, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sequential fallback would warn
+        out = committee(batch, forces=True, stress=True)
+    assert committee.vectorized
+    for k, member in enumerate(members):
+        ref = compute_properties(member, batch, forces=True, stress=True)
+        torch.testing.assert_close(out[keys.ENERGIES][k], ref[keys.ENERGY], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.FORCES_COMM][k], ref[keys.FORCES], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[keys.STRESS_COMM][k], ref[keys.STRESS], rtol=1e-10, atol=1e-12)
+    assert float(out[keys.FORCES_VAR].detach().max()) > 1e-8  # the members differ
 
 
 def test_defaults_and_hparams():

@@ -1,4 +1,6 @@
-"""potentials.triplets against a brute-force loop over each centre's edges, on periodic cells smaller than the cutoff."""
+"""potentials.triplets against a brute-force loop over each centre's edges, on periodic cells smaller than the cutoff.
+
+Also ``union_over_vmap``, the edge mask a committee's torch.vmap can use."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from ase.build import bulk
 
 from alflow import keys
 from alflow.graph import atoms_to_batch
-from potentials.triplets import triplets
+from potentials.triplets import triplets, union_over_vmap
 
 
 def brute_force(edge_index: np.ndarray, mask: np.ndarray | None, ordered: bool) -> set[tuple[int, int]]:
@@ -48,7 +50,8 @@ def test_triplets_match_brute_force(case: int, ordered: bool):
     perm = torch.randperm(edge_index.shape[1], generator=torch.Generator().manual_seed(case))
     edge_index = edge_index[:, perm]
     assert edge_index.shape[1] > 3 * len(atoms)  # cells smaller than the cutoff: many images per atom
-    vectors = batch[keys.POSITIONS][edge_index[1]] - batch[keys.POSITIONS][edge_index[0]] + batch[keys.SHIFTS][perm] @ batch[keys.CELL][0]
+    positions, shifts = batch[keys.POSITIONS], batch[keys.SHIFTS][perm]
+    vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts @ batch[keys.CELL][0]
     d = vectors.norm(dim=-1)
     for mask in (None, d < 0.8 * cutoff):
         a, b = triplets(edge_index, len(atoms), mask, ordered=ordered)
@@ -89,3 +92,19 @@ def test_triplets_edge_cases():
         triplets(edge_index, 3, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="edge_index"):
         triplets(edge_index[0], 3)
+
+
+def test_union_over_vmap_gives_a_plain_mask():
+    """Outside vmap: unchanged. Inside (nested) vmap: the union over the mapped members, usable for indexing."""
+    d = torch.rand(2, 3, 6, generator=torch.Generator().manual_seed(0))
+    mask = d[0, 0] < 0.5
+    assert union_over_vmap(mask) is mask
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        keep = union_over_vmap(x < 0.5)
+        assert keep.shape == (6,) and keep.dtype == torch.bool
+        return x[torch.nonzero(keep).squeeze(1)].sum()
+
+    got = torch.vmap(torch.vmap(select))(d)
+    union = (d < 0.5).flatten(0, 1).any(0)
+    torch.testing.assert_close(got, d[:, :, union].sum(-1))

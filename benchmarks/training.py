@@ -1,0 +1,149 @@
+"""Training accuracy and cost on the reference Cu/EMT dataset: SchNet and PaiNN committees, warm vs scratch.
+
+    python benchmarks/training.py [--frames 500] [--members 4] [--archs schnet painn]
+                                  [--max-time 240] [--threads 1] [--device cpu] [--no-warm]
+
+1. ``alflow.datasets.cu_emt_dataset(500, seed=0)`` (cached in benchmarks/.cache/),
+   split 80/10/10 by seed 0 (train/valid/test, shared by every member).
+2. Per architecture a committee of ``--members`` members trained one after another
+   (``alflow.train.train_committee``; each member at most ``--max-time`` s); test
+   force RMSE (eV/Å) and energy MAE (meV/atom) per member and for the committee mean.
+   The issue's target: test force RMSE <= 0.05 eV/Å.
+3. Warm start vs scratch (first architecture): a model trained on half of the training
+   frames (the previous active-learning iteration) warm-starts on all of them; the
+   time to reach the validation force RMSE of scratch member 0's best weights, against
+   member 0's own time to reach it (both timed from the start of their training, per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's packages, whatever the install state
+
+import torch  # noqa: E402
+
+from alflow.config import TrainingConfig  # noqa: E402
+from alflow.datasets import cu_emt_dataset  # noqa: E402
+from alflow.train import train_committee, train_potential  # noqa: E402
+from potentials.committee import Committee  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+TARGET = 0.05  # eV/Å, test force RMSE
+MODELS = {  # architecture -> (cutoff Å, hyperparameters, lr)
+    "schnet": (4.0, dict(n_atom_basis=32, n_filters=32, n_interactions=3, n_rbf=16), 3e-3),
+    "painn": (4.0, dict(n_atom_basis=32, n_interactions=3), 2e-3),
+}
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def first_time_below(history: tuple[dict, ...], threshold: float) -> float | None:
+    """Seconds (from the start of training) of the first epoch whose validation force RMSE <= threshold."""
+    return next((h["seconds"] for h in history if h["valid_forces_rmse"] <= threshold), None)
+
+
+def config(args: argparse.Namespace, lr: float) -> TrainingConfig:
+    return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, patience=args.patience,
+                          ema_decay=0.99, grad_clip=10.0, energy_weight=1.0, forces_weight=10.0,
+                          valid_fraction=0.1, test_fraction=0.1, max_time_s=args.max_time)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--members", type=int, default=4)
+    p.add_argument("--archs", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--max-time", type=float, default=240.0, help="wall-time budget per member (s)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-warm", action="store_true", help="skip the warm-start comparison")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
+                    "threads": args.threads, "device": args.device, "torch": torch.__version__, "args": vars(args)}
+    print(f"# {report['date']}  {report['cpu']}  torch {torch.__version__}  threads {args.threads}  device {args.device}")
+
+    t = time.perf_counter()
+    path = CACHE / f"cu_emt_{args.frames}_seed0.extxyz"
+    cached = path.is_file()
+    frames = cu_emt_dataset(args.frames, seed=0, path=path)
+    report["dataset"] = {"frames": len(frames), "atoms": sum(len(a) for a in frames), "seconds": time.perf_counter() - t,
+                         "cached": cached}
+    print(f"dataset: {len(frames)} frames, {report['dataset']['atoms']} atoms, "
+          f"{'read from cache' if cached else 'generated'} in {report['dataset']['seconds']:.1f} s ({path})")
+
+    report["committees"] = {}
+    first = None
+    for arch in args.archs:
+        cutoff, hp, lr = MODELS[arch]
+        committee = Committee.build(arch, args.members, ["Cu"], cutoff, seed=0, **hp)
+        n_params = sum(p.numel() for p in committee.members[0].parameters())
+        print(f"\n## {arch}: cutoff {cutoff} Å, {hp}, {n_params} parameters/member, lr {lr}, "
+              f"batch {args.batch_size}, budget {args.max_time:.0f} s/member")
+        result = train_committee(committee, frames, config(args, lr), device=args.device, seed=0,
+                                 out_dir=CACHE / "runs" / arch, progress=args.progress)
+        print(f"{'model':<10} {'epochs':>6} {'train s':>8} {'test F RMSE eV/Å':>17} {'test E MAE meV/atom':>20} {'target':>7}")
+        for k, m in enumerate(result.members):
+            f, e = m.metrics["test"]["forces_rmse"], m.metrics["test"]["energy_mae"] * 1e3
+            print(f"member {k:<3} {m.epochs:>6} {m.seconds:>8.1f} {f:>17.4f} {e:>20.2f} {'ok' if f <= TARGET else 'MISS':>7}")
+        f, e = result.metrics["test"]["forces_rmse"], result.metrics["test"]["energy_mae"] * 1e3
+        print(f"{'committee':<10} {'':>6} {result.seconds:>8.1f} {f:>17.4f} {e:>20.2f} {'ok' if f <= TARGET else 'MISS':>7}")
+        report["committees"][arch] = {"cutoff": cutoff, "hparams": hp, "lr": lr, "n_params": n_params,
+                                      "result": result.to_dict()}
+        if first is None:
+            first = (arch, result, committee)
+
+    if not args.no_warm and first is not None:
+        arch, result, committee = first
+        cutoff, hp, lr = MODELS[arch]
+        train = [frames[i] for i in result.train_idx]
+        valid = [frames[i] for i in result.valid_idx]
+        scratch = result.members[0]
+        threshold = scratch.metrics["valid"]["forces_rmse"]  # scratch member 0's best (returned) weights
+        print(f"\n## warm start vs scratch ({arch}): time to a validation force RMSE <= {threshold:.4f} eV/Å")
+        previous = Committee.build(arch, 1, ["Cu"], cutoff, seed=100, **hp).members[0]
+        old = train_potential(previous, train[: len(train) // 2], valid, config(args, lr), device=args.device,
+                              seed=100, progress=args.progress)
+        print(f"previous iteration: {old.n_train} frames, {old.seconds:.1f} s, valid F RMSE "
+              f"{old.metrics['valid']['forces_rmse']:.4f} eV/Å")
+        fresh = Committee.build(arch, 1, ["Cu"], cutoff, seed=0, **hp).members[0]
+        warm = train_potential(fresh, train, valid, config(args, lr), device=args.device, seed=0, init_from=previous,
+                               progress=args.progress)
+        t_scratch, t_warm = first_time_below(scratch.history, threshold), first_time_below(warm.history, threshold)
+        print(f"{'run':<8} {'valid F RMSE at start':>22} {'final':>8} {'s to threshold':>15}")
+        for name, r, tt in (("scratch", scratch, t_scratch), ("warm", warm, t_warm)):
+            print(f"{name:<8} {r.history[0]['valid_forces_rmse']:>22.4f} {r.metrics['valid']['forces_rmse']:>8.4f} "
+                  f"{(f'{tt:.1f}' if tt is not None else 'not reached'):>15}")
+        if t_scratch and t_warm:
+            print(f"warm start reaches it {t_scratch / t_warm:.1f}x faster")
+        report["warm_start"] = {"threshold": threshold, "scratch_seconds": t_scratch, "warm_seconds": t_warm,
+                                "previous": old.to_dict(), "warm": warm.to_dict()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
