@@ -315,6 +315,7 @@ def build_calculator(
 ) -> tuple[Any, bool]:
     """The ASE calculator for ``atoms`` and whether stress is to be requested (3D periodic and supported)."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     name = oracle.lower()
     if name in BUILDERS:
         return BUILDERS[name](dict(parameters), atoms, kpoint_density, directory, gamma_only)

@@ -73,7 +73,10 @@ class BesselRBF(nn.Module):
 
 
 class ExponentialRBF(nn.Module):
-    """exp(-β (exp(-d) - μ_k)²), μ_k evenly spaced on [exp(-r_c), 1] (PhysNet, Unke & Meuwly, JCTC 15, 3678 (2019))."""
+    """exp(-β (exp(-d) - μ_k)²), μ_k evenly spaced on [exp(-r_c), 1].
+
+    PhysNet (Unke & Meuwly, J. Chem. Theory Comput. 15, 3678 (2019)).
+    """
 
     def __init__(self, n_rbf: int, cutoff: float) -> None:
         super().__init__()

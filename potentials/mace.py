@@ -139,8 +139,9 @@ class MACEPotential(Potential):
             keep_last_layer_irreps=bool(keep_last_layer_irreps),
             edge_irreps=None if edge_irreps is None else str(o3.Irreps(edge_irreps)),
             use_edge_irreps_first=bool(use_edge_irreps_first), readout=readout, model_class=model_class,
-            atomic_numbers=order,
+            atomic_numbers=None if order == self.species else order,
         )
+        self.mace_atomic_numbers = order
         h = self.hparams
         kwargs: dict[str, Any] = dict(
             r_max=self.cutoff, num_bessel=h["num_radial_basis"], num_polynomial_cutoff=h["num_polynomial_cutoff"],
@@ -198,6 +199,25 @@ class MACEPotential(Potential):
         out = self.model(data, training=self.training, compute_force=False, compute_virials=False, compute_stress=False)
         return out["node_energy"].to(data["positions"].dtype)  # ScaleShiftMACE returns float64
 
+    def parameter_groups(self, weight_decay: float = 5e-7) -> list[dict[str, Any]]:
+        """Optimizer groups of mace_run_train's recipe: L2 decay on the interactions' linear/skip weights
+        and the products, none on the embedding, radial MLPs and readouts (``torch.optim.Adam(groups, amsgrad=True)``)."""
+        decay, no_decay = [], []
+        for name, p in self.model.interactions.named_parameters():
+            (decay if "linear.weight" in name or "skip_tp_full.weight" in name else no_decay).append(p)
+        groups = [
+            {"name": "embedding", "params": list(self.model.node_embedding.parameters()), "weight_decay": 0.0},
+            {"name": "interactions_decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "interactions_no_decay", "params": no_decay, "weight_decay": 0.0},
+            {"name": "products", "params": list(self.model.products.parameters()), "weight_decay": weight_decay},
+            {"name": "readouts", "params": list(self.model.readouts.parameters()), "weight_decay": 0.0},
+        ]
+        covered = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in self.parameters() if id(p) not in covered]
+        if rest:  # e.g. pair repulsion or radial parameters outside the blocks above
+            groups.append({"name": "other", "params": rest, "weight_decay": 0.0})
+        return groups
+
     # ------------------------------------------------------------------ mace_run_train models
 
     @classmethod
@@ -250,7 +270,7 @@ class MACEPotential(Potential):
         scale 1 and shift 0.
         """
         module = copy.deepcopy(self.model)
-        order = self.hparams["atomic_numbers"]
+        order = self.mace_atomic_numbers
         with torch.no_grad():
             e0 = torch.stack([self.e0[self.species.index(z)] for z in order])
             energies = module.atomic_energies_fn.atomic_energies

@@ -45,7 +45,7 @@ class SchNetInteraction(nn.Module):
 
 
 class SchNet(Potential):
-    """SchNet potential (J. Chem. Phys. 148, 241722 (2018)); per-atom outputs are unit-less, scaled in ``node_energies``.
+    """SchNet potential (J. Chem. Phys. 148, 241722 (2018)); unit-less per-atom outputs, scaled in ``node_energies``.
 
     Hyperparameters: ``n_atom_basis`` feature width F, ``n_filters`` filter width,
     ``n_interactions`` interaction blocks, ``n_rbf`` Gaussians on [0, cutoff].

@@ -100,11 +100,10 @@ def write_input(spec: IPIRunSpec, run_dir: Path, address: str, wall_seconds: flo
     pressure = f"<pressure units='gigapascal'>{spec.pressure}</pressure>" if spec.ensemble.startswith("npt") else ""
     active = (f"<active_thresh units='electronvolt'>{spec.active_threshold}</active_thresh><active_output>active</active_output>"
               if spec.active_threshold > 0 else "")
-    positions = "x_centroid{ase}" if spec.nbeads > 1 else "positions{ase}"
     xml = f"""<simulation verbosity='low' safe_stride='{max(spec.stride, 1)}'>
   <output prefix='simulation'>
     <properties stride='{spec.stride}' filename='out'> [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}}, pressure_md{{gigapascal}}, volume{{angstrom3}} ] </properties>
-    <trajectory filename='pos' stride='{spec.stride}' format='ase' cell_units='ase' bead='0'> {positions} </trajectory>
+    <trajectory filename='pos' stride='{spec.stride}' format='ase' cell_units='ase' bead='0'> positions{{ase}} </trajectory>
     <trajectory filename='committee_pot' stride='{spec.stride}' extra_type='committee_pot' bead='0'> extras </trajectory>
     <trajectory filename='committee_force' stride='{spec.stride}' extra_type='committee_force' bead='0'> extras </trajectory>
   </output>

@@ -111,7 +111,8 @@ def test_gpaw_reference_energy_is_spin_polarised_and_cached(tmp_path):
     e = reference_energies(cfg, ["Si"], cache_dir=tmp_path, box=6.0)
     assert np.isfinite(e["Si"])
     logs = list(tmp_path.glob("reference-work/*/gpaw.txt"))
-    assert logs and "Spin-polarized calculation" in logs[0].read_text()
+    text = logs[0].read_text()
+    assert "Spin-components: 2" in text and "Total magnetic moment: (0.000000, 0.000000, 2.000000)" in text  # 3P Si
     assert reference_energies(cfg, ["Si"], cache_dir=tmp_path, box=6.0) == e
     assert source_of("gpaw") == "dft" and source_of("chgnet") == "teacher"
 

@@ -20,7 +20,9 @@ from alflow.graph import atoms_to_batch
 from potentials.base import Potential
 
 
-def predict(model: Potential, frames: Atoms | list[Atoms], stress: bool = True, device: str = "cpu") -> dict[str, np.ndarray]:
+def predict(
+    model: Potential, frames: Atoms | list[Atoms], stress: bool = True, device: str = "cpu"
+) -> dict[str, np.ndarray]:
     """Energy (B,), forces (N, 3) and stress (B, 3, 3) as float64 numpy arrays."""
     batch = atoms_to_batch(frames, model.cutoff, dtype=model.e0.dtype, device=device)
     out = model(batch, forces=True, stress=stress)
@@ -32,7 +34,7 @@ def energy(model: Potential, atoms: Atoms) -> float:
 
 
 def numerical_stress(model: Potential, atoms: Atoms, d: float = 1e-5) -> np.ndarray:
-    """(1/V) dE/dε by central differences of symmetric strains (as ``ase.calculators.calculator.calculate_numerical_stress``)."""
+    """(1/V) dE/dε by central differences of symmetric strains, as ASE's ``calculate_numerical_stress``."""
     volume = atoms.get_volume()
     cell = atoms.cell.array.copy()
     stress = np.zeros((3, 3))
@@ -71,7 +73,8 @@ def test_forces_are_minus_energy_gradient(model, cu_ni):
         plus.positions[atom, axis] += h
         minus.positions[atom, axis] -= h
         finite_difference = -(energy(model, plus) - energy(model, minus)) / (2 * h)
-        assert abs(forces[atom, axis] - finite_difference) <= 1e-6 * scale, (atom, axis, forces[atom, axis], finite_difference)
+        error = abs(forces[atom, axis] - finite_difference)
+        assert error <= 1e-6 * scale, (atom, axis, forces[atom, axis], finite_difference)
 
 
 def test_stress_is_strain_derivative(model, cu_ni):
@@ -141,8 +144,8 @@ def test_batch_equals_one_by_one(model, three_structures):
     together = predict(model, three_structures)
     singles = [predict(model, atoms) for atoms in three_structures]
     np.testing.assert_allclose(together[keys.ENERGY], [s[keys.ENERGY][0] for s in singles], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(together[keys.FORCES], np.concatenate([s[keys.FORCES] for s in singles]), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(together[keys.STRESS], np.concatenate([s[keys.STRESS] for s in singles]), rtol=0, atol=1e-12)
+    for key in (keys.FORCES, keys.STRESS):
+        np.testing.assert_allclose(together[key], np.concatenate([s[key] for s in singles]), rtol=0, atol=1e-12)
     assert len({round(float(e), 6) for e in together[keys.ENERGY]}) == 3
 
 

@@ -155,7 +155,7 @@ def test_stress_sign_is_ase_convention(model: MACEPotential) -> None:
             eps[b, a] += 0 if a == b else sign * h / 2
             strained = atoms.copy()
             strained.set_cell(atoms.cell.array @ eps, scale_atoms=True)
-            energies.append(float(model(atoms_to_batch(strained, CUTOFF, dtype=torch.float64), forces=False)[keys.ENERGY]))
+            energies.append(model(atoms_to_batch(strained, CUTOFF, dtype=torch.float64), forces=False)[keys.ENERGY].item())
         numeric = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
         assert abs(float(stress[a, b]) - numeric) < 1e-7, (a, b)
 
@@ -210,7 +210,9 @@ def test_trains_through_the_generic_path(model: MACEPotential) -> None:
         atoms.arrays[keys.REF_FORCES] = atoms.get_forces()
         frames.append(atoms)
     batch = atoms_to_batch(frames, CUTOFF, dtype=torch.float64, labels=True)
-    optimizer = torch.optim.Adam(trainee.parameters(), lr=1e-2)
+    groups = trainee.parameter_groups(weight_decay=5e-7)
+    assert sum(len(g["params"]) for g in groups) == len(list(trainee.parameters()))  # every weight, once
+    optimizer = torch.optim.Adam(groups, lr=1e-2, amsgrad=True)
 
     def loss_fn() -> torch.Tensor:
         out = trainee(batch)
@@ -338,6 +340,6 @@ def test_mace_run_train_model_through_alflow(tmp_path: Path) -> None:
     energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
     for candidate in (wrapped, loaded):
         out = candidate(atoms_to_batch(atoms, candidate.cutoff, dtype=torch.float64), stress=True)
-        assert abs(float(out[keys.ENERGY][0]) - energy) <= 1e-6 * abs(energy)
+        assert abs(out[keys.ENERGY].item() - energy) <= 1e-6 * abs(energy)
         np.testing.assert_allclose(out[keys.FORCES].detach().numpy(), forces, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
         np.testing.assert_allclose(out[keys.STRESS][0].detach().numpy(), stress, rtol=1e-6, atol=1e-6 * np.abs(stress).max())

@@ -1,0 +1,131 @@
+"""Against the real i-PI server from the ``ipi`` package: driver protocol, units, lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk
+from ase.io import read
+
+import potentials
+from alflow import keys
+from alflow.explore.evaluator import ModelEvaluator
+from alflow.explore.ipi import IPI_SOCKET_PREFIX, IPIRunSpec, parse_run, read_active, read_extras, run_ipi, write_input
+from potentials.committee import Committee
+
+pytestmark = pytest.mark.slow  # each test starts an i-PI server (a few seconds of imports)
+
+
+@pytest.fixture(scope="module")
+def committee_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Committee.build("schnet", 3, species=["Cu"], cutoff=4.0, seed=1, n_atom_basis=16, n_filters=16,
+                            n_interactions=2, n_rbf=10)
+    model.double()
+    for member in model.members:
+        member.scale.fill_(0.05)
+    path = tmp_path_factory.mktemp("model") / "committee.pt"
+    potentials.save(model, path)
+    return path
+
+
+def triclinic_cu():
+    atoms = bulk("Cu", "fcc", a=3.61).repeat((3, 3, 3))  # primitive fcc cell: i-PI must rotate it
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def test_served_energies_and_forces_equal_the_ase_calculator(tmp_path, committee_file):
+    spec = IPIRunSpec(atoms=triclinic_cu(), ensemble="nvt-svr", steps=6, stride=2, name="eq")
+    result = run_ipi(spec, committee_file, tmp_path, wall_seconds=120)
+    assert result.status == "DONE", result.message
+    model = potentials.load(committee_file, device="cpu")
+    evaluate = ModelEvaluator(model, device="cpu")
+    pots = read_extras(tmp_path / "simulation.committee_pot_0")
+    forces = read_extras(tmp_path / "simulation.committee_force_0")
+    frames = read(tmp_path / "simulation.pos_0.extxyz", ":")
+    assert len(frames) == len(pots) == len(forces) == 4
+    for frame, (_, pot), (_, force) in zip(frames, pots, forces):
+        frame.pbc = True
+        [ref] = evaluate([frame])  # positions in i-PI's rotated frame: forces must match in that frame
+        energies = pot.reshape(-1) * units.Hartree
+        members = force.reshape(3, len(frame), 3) * units.Hartree / units.Bohr
+        np.testing.assert_allclose(energies, ref["energies"], rtol=1e-6)
+        np.testing.assert_allclose(members, ref["forces_comm"], rtol=1e-6, atol=1e-8)
+    scored = read(result.trajectory, ":")
+    assert all(f.info[keys.SOURCE] == "ipi" for f in scored)
+    assert scored[-1].info[keys.MAX_FORCE_DEVIATION] > 0
+
+
+def test_nve_conserves_energy_and_pimd_runs(tmp_path, committee_file):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    nve = run_ipi(IPIRunSpec(atoms=atoms, ensemble="nve", steps=100, stride=10, timestep=1.0, name="nve"),
+                  committee_file, tmp_path / "nve", wall_seconds=240)
+    assert nve.status == "DONE", nve.message
+    out = np.loadtxt(tmp_path / "nve" / "simulation.out")
+    time_ps, conserved = out[:, 1], out[:, 2]
+    drift = abs(np.polyfit(time_ps, conserved, 1)[0]) / len(atoms)
+    assert drift < 1e-2, f"NVE drift {drift:.2e} eV/atom/ps"
+    pimd = run_ipi(IPIRunSpec(atoms=atoms, ensemble="pimd", nbeads=4, steps=10, stride=5, timestep=0.5, name="pimd"),
+                   committee_file, tmp_path / "pimd", wall_seconds=240)
+    assert pimd.status == "DONE", pimd.message
+    assert pimd.frames == 3 and "nbeads='4'" in (tmp_path / "pimd" / "input.xml").read_text()
+
+
+def test_active_output_and_stale_socket(tmp_path, committee_file):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    atoms.rattle(0.1, seed=0)
+    spec = IPIRunSpec(atoms=atoms, ensemble="nvt-langevin", steps=4, stride=2, active_threshold=1e-9, name="act")
+    result = run_ipi(spec, committee_file, tmp_path, wall_seconds=120)
+    assert result.status == "DONE", result.message
+    records = read_active(tmp_path / "simulation.active")
+    assert len(records) >= 4 and {"position", "cell", "uncertainty"} <= set(records[0])
+    assert len(records[0]["position"]) == 3 * len(atoms)
+    assert not list(tmp_path.glob("ipi_*"))  # no socket left behind
+    assert len(parse_run(tmp_path, spec)) == 3
+
+
+def test_driver_exits_cleanly_when_the_server_vanishes(tmp_path, committee_file):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    address = f"alflow-test-{os.getpid()}"
+    spec = IPIRunSpec(atoms=atoms, ensemble="nvt-svr", steps=100000, stride=1000, name="gone")
+    write_input(spec, tmp_path, address, wall_seconds=300)
+    ipi_exe = os.path.join(os.path.dirname(sys.executable), "i-pi")
+    server = subprocess.Popen([ipi_exe, "input.xml"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen([sys.executable, "-m", "alflow.cli", "ipi-driver", "--model", str(committee_file),
+                               "--structure", "init.extxyz", "--unix", address], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "simulation.out").exists() or (tmp_path / "simulation.out").stat().st_size < 300:
+            assert time.monotonic() < deadline, "i-PI never produced output"
+            assert driver.poll() is None, driver.communicate()
+            time.sleep(0.2)
+        server.send_signal(signal.SIGKILL)  # vanishes without EXIT
+        server.wait()
+        _, err = driver.communicate(timeout=30)  # must not hang or spin
+        assert driver.returncode == 1
+        assert "server gone" in err
+    finally:
+        for p in (server, driver):
+            if p.poll() is None:
+                p.kill()
+        if os.path.exists(IPI_SOCKET_PREFIX + address):
+            os.unlink(IPI_SOCKET_PREFIX + address)
+
+
+def test_driver_reports_missing_server(tmp_path, committee_file):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.write(tmp_path / "init.extxyz")
+    proc = subprocess.run([sys.executable, "-m", "alflow.cli", "ipi-driver", "--model", str(committee_file),
+                           "--structure", str(tmp_path / "init.extxyz"), "--unix", "nobody-here", "--timeout", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no i-PI server" in proc.stderr
