@@ -197,7 +197,7 @@ CP2K_INPUT = """&FORCE_EVAL
       NGRIDS 4
     &END MGRID
     &QS
-      EPS_DEFAULT 1.0E-12
+      EPS_DEFAULT {eps_default}
     &END QS
     &SCF
       EPS_SCF {eps_scf}
@@ -238,6 +238,7 @@ def _cp2k(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_o
     if os.path.isdir(CP2K_DATA_DIR):
         os.environ.setdefault("CP2K_DATA_DIR", CP2K_DATA_DIR)
     settings = {"rel_cutoff": p.pop("rel_cutoff", 60), "eps_scf": p.pop("eps_scf", 1e-7),
+                "eps_default": p.pop("eps_default", 1e-12),
                 "temperature": p.pop("electronic_temperature", 300.0), "alpha": p.pop("mixing_alpha", 0.2),
                 "added_mos": p.pop("added_mos", max(10, 2 * len(atoms)))}
     grid = tuple(p.pop("kpts")) if "kpts" in p else _grid(atoms, density, gamma_only)

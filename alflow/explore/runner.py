@@ -1,0 +1,90 @@
+"""From a run configuration to scored frames: the system, the walkers, either engine.
+
+:func:`system_structure` builds or reads the material (``system`` section) and
+:func:`explore` runs every walker of the ``exploration`` section through ASE or
+i-PI, writing one scored extxyz trajectory per walker in ``out_dir`` — the same
+frames and info keys in both engines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk
+
+from alflow.config import RunConfig, SystemConfig, WalkerConfig
+from alflow.explore.ase_md import WalkerSpec, run_walkers
+from alflow.explore.structures import expand_to_min_width, read_structure, starting_structure
+
+
+def system_structures(system: SystemConfig) -> list[Atoms]:
+    """The configured structures (Å), repeated to ``supercell`` and/or ``min_cell_length``."""
+    if system.build is not None:
+        b = system.build
+        kwargs = {k: v for k, v in dict(crystalstructure=b.crystal, a=b.a, c=b.c, covera=b.covera).items() if v is not None}
+        base = [bulk(b.element, cubic=b.cubic, orthorhombic=b.orthorhombic, **kwargs)]
+    else:
+        base = [read_structure(path) for path in system.structures or []]
+    out = []
+    for atoms in base:
+        if system.supercell is not None:
+            atoms = atoms.repeat(system.supercell)
+        if system.min_cell_length is not None:
+            atoms = expand_to_min_width(atoms, system.min_cell_length)
+        out.append(atoms)
+    return out
+
+
+def walker_specs(config: RunConfig, structures: list[Atoms], iteration: int = 0) -> list[WalkerSpec]:
+    """One spec per walker and replica; seeds derive from the run seed, iteration and index."""
+    specs: list[WalkerSpec] = []
+    for index, walker in enumerate(config.exploration.walkers):
+        for replica in range(walker.replicas):
+            seed = walker.seed if walker.seed is not None else config.seed * 100_003 + iteration * 1_009 + len(specs)
+            rng = np.random.default_rng(seed)
+            base = structures[len(specs) % len(structures)]
+            atoms = starting_structure(base, walker.start, rng, rattle_stdev=walker.rattle_stdev, strain=walker.strain,
+                                       miller=walker.miller, vacuum=walker.vacuum)
+            specs.append(_spec(walker, atoms, seed, f"w{index:02d}r{replica:02d}-{walker.ensemble}"))
+    return specs
+
+
+def _spec(walker: WalkerConfig, atoms: Atoms, seed: int, name: str) -> WalkerSpec:
+    return WalkerSpec(atoms=atoms, ensemble=walker.ensemble, temperature=walker.temperature, pressure=walker.pressure,
+                      timestep=walker.timestep, steps=walker.steps, stride=walker.stride, friction=walker.friction,
+                      seed=seed, name=name)
+
+
+def explore(config: RunConfig, model_path: str | Path, out_dir: str | Path, *, iteration: int = 0,
+            structures: list[Atoms] | None = None, device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the configured walkers with the committee in ``model_path``; returns one result dict per walker."""
+    out_dir = Path(out_dir)
+    structures = structures or system_structures(config.system)
+    specs = walker_specs(config, structures, iteration)
+    device = device or config.execution.device
+    if config.exploration.engine == "ase":
+        import potentials
+
+        model = potentials.load(model_path, device=None if device == "auto" else device)
+        results = run_walkers(specs, model, out_dir, upper=config.selection.upper,
+                              patience=config.exploration.uncertain_patience,
+                              min_distance=config.exploration.min_distance, device=device, progress=progress)
+        return [asdict(r) for r in results]
+    from alflow.explore.ipi import IPIRunSpec, run_ipi
+
+    walkers = [w for w in config.exploration.walkers for _ in range(w.replicas)]
+    results = []
+    for spec, walker in zip(specs, walkers):
+        ipi_spec = IPIRunSpec(atoms=spec.atoms, ensemble=walker.ensemble, temperature=float(np.ravel(walker.temperature)[0]),
+                              pressure=None if walker.pressure is None else float(np.ravel(walker.pressure)[0]),
+                              timestep=walker.timestep, steps=walker.steps, stride=walker.stride, nbeads=walker.nbeads,
+                              seed=spec.seed, name=spec.name)
+        result = run_ipi(ipi_spec, model_path, out_dir / spec.name, device=device)
+        results.append(asdict(result))
+    (out_dir / "walkers.json").write_text(json.dumps(results, indent=1))
+    return results
