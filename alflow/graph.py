@@ -87,6 +87,9 @@ def atoms_to_batch(
         dtype=dtype,
         device=device,
     )
+    if any("charge" in a.info for a in frames):  # total charges for charge-aware models (PhysNet, AIMNet2)
+        pos = batch[keys.POSITIONS]
+        batch[keys.CHARGE] = torch.tensor([float(a.info.get("charge", 0.0)) for a in frames], dtype=pos.dtype, device=pos.device)
     if labels:
         batch.update(label_tensors(frames, batch[keys.POSITIONS].dtype, batch[keys.POSITIONS].device))
     return batch

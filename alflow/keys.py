@@ -33,6 +33,7 @@ EDGE_INDEX = "edge_index"  # (2, E) int64: row 0 = i (centre), row 1 = j (neighb
 SHIFTS = "shifts"  # (E, 3) integer cell shifts S stored in the float dtype: D = r_j - r_i + S @ cell
 BATCH = "batch"  # (N,) int64 structure index of each atom
 N_ATOMS = "n_atoms"  # (B,) int64 atoms per structure
+CHARGE = "charge"  # (B,) total charge per structure (e), from atoms.info["charge"]; 0 when absent
 
 # outputs of a potential / committee
 ENERGY = "energy"  # (B,) eV

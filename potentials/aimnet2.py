@@ -43,7 +43,7 @@ from alflow.neighbors import edge_vectors
 from potentials.base import Potential
 from potentials.layers import CosineCutoff, GaussianRBF, mlp, scatter_sum
 
-CHARGE = "charge"  # batch key: (B,) total charge per structure in e (absent = neutral)
+CHARGE = keys.CHARGE  # batch key: (B,) total charge per structure in e (absent = neutral)
 COULOMB_CONSTANT = 14.399645  # e²/(4πε₀) in eV·Å
 
 

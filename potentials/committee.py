@@ -156,8 +156,11 @@ class Committee(nn.Module):
                 {f"model.{n}": torch.stack([ps[i] for ps in params]) for i, n in enumerate(pnames)},
                 {f"model.{n}": torch.stack([bs[i] for bs in buffers]) for i, n in enumerate(bnames)},
             )
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for ts in (*params, *buffers) for t in ts)
-        if key != self._stack_key or self._stack is None:
+        try:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for ts in (*params, *buffers) for t in ts)
+        except RuntimeError:  # inference tensors carry no version counter: restack every call
+            key = None
+        if key is None or key != self._stack_key or self._stack is None:
             with torch.no_grad():
                 self._stack = (
                     {f"model.{n}": torch.stack([ps[i].detach() for ps in params]) for i, n in enumerate(pnames)},
@@ -209,9 +212,10 @@ class Committee(nn.Module):
         displacement = None
         if stress:
             displacement = torch.zeros((k, *cell0.shape), dtype=cell0.dtype, device=cell0.device, requires_grad=True)
-        energies, nodes = torch.vmap(member_energy, in_dims=(0, 0, pos_dim, 0 if stress else None))(
-            params, buffers, positions, displacement
-        )
+        # randomness="different": a member with dropout (training) draws its own mask, as when called alone
+        in_dims = (0, 0, pos_dim, 0 if stress else None)
+        mapped = torch.vmap(member_energy, in_dims=in_dims, randomness="different")
+        energies, nodes = mapped(params, buffers, positions, displacement)
         grad_r = grad_eps = None
         if forces or stress:
             inputs = [positions] + ([displacement] if stress else [])

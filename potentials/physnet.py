@@ -41,7 +41,7 @@ from potentials.base import Potential
 from potentials.layers import ExponentialRBF, PolynomialCutoff, dense, scatter_sum, shifted_softplus
 
 COULOMB_CONSTANT = 14.399645  # eV Å / e², 1 / (4 π ε0)
-TOTAL_CHARGE = "charge"  # optional batch key: (B,) total charge of each structure, in e
+TOTAL_CHARGE = keys.CHARGE  # optional batch key: (B,) total charge of each structure, in e
 
 
 class Residual(nn.Module):

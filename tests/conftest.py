@@ -31,6 +31,11 @@ def dft_available(code: str) -> bool:
     return shutil.which(name) is not None or shutil.which(name.replace("_shell", ".psmp")) is not None
 
 
+# Tests use small models: one intra-op thread is faster and keeps CI's 2 cores for subprocesses
+# (i-PI servers, labelling workers) that tests start.
+torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = torch.cuda.is_available()
     for item in items:

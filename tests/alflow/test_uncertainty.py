@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +79,11 @@ def test_dp_gen_definitions_hand_computed():
     # deepmd-kit's calc_model_devi_f / calc_model_devi_e written out
     assert s[keys.MAX_FORCE_DEVIATION] == np.max(np.linalg.norm(np.std(forces, axis=0), axis=-1))
     assert s[keys.ENERGY_DEVIATION_PER_ATOM] == np.std(np.array([1.0, 3.0]) / 2)
+
+
+def test_scores_module_does_not_import_torch():
+    code = "import sys, alflow.committee; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_input_errors_name_the_argument():

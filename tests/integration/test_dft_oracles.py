@@ -32,7 +32,8 @@ CASES = {
     # code: (parameters, kpoint_density, force_tol eV/Å, stress_tol eV/Å³)
     "gpaw": ({"mode": {"name": "pw", "ecut": 300}, "convergence": {"energy": 1e-9, "density": 1e-7}}, 1.4, 5e-3, 2e-3),
     "espresso": ({"ecutwfc": 25, "electrons": {"conv_thr": 1e-11}}, 1.4, 5e-3, 2e-3),
-    "cp2k": ({"cutoff": 200 * Rydberg, "rel_cutoff": 40, "eps_scf": 1e-8, "kpts": (2, 2, 2)}, None, 2e-2, 3e-3),
+    "cp2k": ({"basis_set": "SZV-MOLOPT-SR-GTH", "cutoff": 200 * Rydberg, "rel_cutoff": 40, "eps_scf": 1e-8},
+             0.9, 2e-2, 3e-3),
     "xtb": ({"accuracy": 0.01}, None, 5e-3, 2e-3),
 }
 H = 0.01  # Å

@@ -31,10 +31,12 @@ def build_small(
     seed: int = 0,
     perturb: float = 0.1,
 ) -> Potential:
-    """A small model of architecture ``name`` with every weight perturbed by N(0, perturb²), in eval mode.
+    """A small model of architecture ``name`` with every parameter perturbed, in eval mode.
 
-    The perturbation (biases start at zero) makes the outputs depend strongly on
-    species and geometry, so a test cannot pass with a near-constant model.
+    Each tensor gets Gaussian noise of ``perturb`` times its own standard deviation
+    (``perturb`` itself for constant tensors such as zero-initialised biases), so that
+    outputs depend clearly on species and geometry — a test cannot pass with a
+    near-constant model — while their scale stays that of the initialisation.
     An architecture whose optional dependency is missing is skipped with the reason.
     """
     torch.manual_seed(seed)
@@ -45,8 +47,10 @@ def build_small(
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(perturb * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            if p.is_floating_point() and p.numel() > 0:
+                std = float(p.std()) if p.numel() > 1 else 0.0
+                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                p.add_(perturb * (std if std > 0 else 1.0) * noise)
     return model.to(dtype).eval()
 
 
