@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a committee of potentials on a labelled dataset"),
     "md": ("md", "run MD walkers (ASE or i-PI) with a committee and score every frame"),
     "ipi-driver": ("ipi_driver", "serve a potential or committee to an i-PI server over a socket"),
+    "run": ("run", "run the active-learning loop from a config (Prefect flow; resumes where it stopped)"),
+    "report": ("report", "write the HTML/Markdown report with plots for a run directory"),
 }
 
 

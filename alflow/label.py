@@ -129,6 +129,18 @@ def _worker_env(threads: int, pythonpath: Sequence[str] = ()) -> dict[str, str]:
     return env
 
 
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running(running: set[int]) -> int:
+    """SIGKILL the process groups of the workers in ``running`` (filled by ``run_calculation``); how many."""
+    with _RUNNING_LOCK:
+        pids = list(running)
+    for pid in pids:
+        _killpg(pid)
+    return len(pids)
+
+
 def _killpg(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -147,15 +159,18 @@ def run_calculation(
     threads: int = 1,
     properties: Sequence[str] = ("energy", "forces", "stress"),
     gamma_only: bool = False,
+    running: set[int] | None = None,
 ) -> Outcome:
     """Run ``oracle`` on ``atoms`` in a fresh ``taskdir`` in a subprocess; never raises for oracle failures.
 
     ``parameters[WORKER_PYTHONPATH]`` (str or list, popped) is prepended to the
     worker's import path only: a teacher whose dependencies clash with the
     main environment (sevenn needs e3nn 0.6, mace-torch pins 0.4.4) lives in a
-    ``pip install --target`` directory.
+    ``pip install --target`` directory. ``running`` (optional set) holds the
+    worker's process-group id while it runs, for ``kill_running``.
     """
     taskdir = Path(taskdir).resolve()
+    running = set() if running is None else running
     parameters = dict(parameters)
     extra_path = parameters.pop(WORKER_PYTHONPATH, None) or []
     extra_path = [extra_path] if isinstance(extra_path, str) else list(extra_path)
@@ -176,6 +191,8 @@ def run_calculation(
         proc = subprocess.Popen([sys.executable, "-m", "alflow.label_worker", str(taskdir), "--parent", str(os.getpid())], cwd=taskdir,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_worker_env(threads, extra_path), start_new_session=True)
+        with _RUNNING_LOCK:
+            running.add(proc.pid)
         try:
             code = proc.wait(timeout=timeout_s)
             timed_out = False
@@ -187,6 +204,9 @@ def run_calculation(
             _killpg(proc.pid)
             proc.wait(timeout=KILL_SLACK_S)
             raise
+        finally:
+            with _RUNNING_LOCK:
+                running.discard(proc.pid)
         _killpg(proc.pid)  # stray children of the code (e.g. cp2k_shell)
     elapsed = time.monotonic() - t0
     if timed_out:
@@ -253,15 +273,20 @@ def _labelled_frame(atoms: Atoms, result: dict[str, Any], config: LabellingConfi
 
 
 def _label_one(atoms: Atoms, h: str, first_attempt: int, config: LabellingConfig, workdir: Path,
-               lock: threading.Lock, keep_scratch: bool) -> tuple[Atoms | None, int]:
-    """All attempts for one frame; returns (labelled frame or None, attempts made)."""
+               lock: threading.Lock, keep_scratch: bool, stop: threading.Event,
+               running: set[int]) -> tuple[Atoms | None, int]:
+    """All attempts for one frame; returns (labelled frame or None, attempts made). ``stop``: caller interrupted."""
     made = 0
     for attempt in range(first_attempt, config.retries + 1):
+        if stop.is_set():
+            return None, made
         params = _attempt_parameters(config, attempt)
         taskdir = workdir / "scratch" / f"{h[:16]}-a{attempt}"
         out = run_calculation(atoms, config.oracle, params, taskdir, kpoint_density=config.kpoint_density,
-                              timeout_s=config.timeout_s, threads=config.threads)
+                              timeout_s=config.timeout_s, threads=config.threads, running=running)
         made += 1
+        if stop.is_set():  # killed because the caller was interrupted: not the oracle's failure, no record
+            return None, made
         if out.status == "labelled":
             _append_jsonl(workdir / LABELLED, {"frame_hash": h, "attempt": attempt, "elapsed_s": out.elapsed_s,
                                                "compute_s": out.result.get("elapsed_s"), "oracle": config.oracle}, lock)
@@ -316,24 +341,30 @@ def label_frames(
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"label [{config.oracle}]", unit="frame", file=sys.stderr, dynamic_ncols=True)
+    stop, running = threading.Event(), set()
+    pool = ThreadPoolExecutor(max_workers=max(1, int(max_workers)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, int(max_workers))) as pool:
-            pending = {pool.submit(_label_one, atoms, h, start, config, workdir, lock, keep_scratch)
-                       for h, atoms, start in todo}
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    labelled, made = fut.result()
-                    n_attempts += made
-                    if labelled is None:
-                        n_failed += 1
-                    else:
-                        ds.append(labelled)
-                        n_done += 1
-                    if bar is not None:
-                        bar.set_postfix(done=n_done, failed=n_failed, remaining=len(todo) - n_done - n_failed)
-                        bar.update(1)
+        pending = {pool.submit(_label_one, atoms, h, start, config, workdir, lock, keep_scratch, stop, running)
+                   for h, atoms, start in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                labelled, made = fut.result()
+                n_attempts += made
+                if labelled is None:
+                    n_failed += 1
+                else:
+                    ds.append(labelled)
+                    n_done += 1
+                if bar is not None:
+                    bar.set_postfix(done=n_done, failed=n_failed, remaining=len(todo) - n_done - n_failed)
+                    bar.update(1)
+    except BaseException:  # Ctrl-C, or an error storing a label: stop the calculations in flight
+        stop.set()
+        kill_running(running)
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     return LabelResult(n_frames=len(unique), n_labelled=n_done, n_failed=n_failed, n_skipped=len(unique) - len(todo),

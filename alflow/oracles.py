@@ -341,13 +341,15 @@ def isolated_atom(symbol: str, box: float = 10.0, periodic: bool = True) -> Atom
 
 
 def code_version(oracle: str) -> str:
-    """Version string of the code behind ``oracle`` (for cache keys); "" when unknown."""
-    module = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}.get(oracle.lower())
-    if module is None:
+    """Version of the code behind ``oracle`` from package metadata (no import), for cache keys; "" if unknown."""
+    from importlib import metadata
+
+    dist = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}.get(oracle.lower())
+    if dist is None:
         if oracle.lower() in ("espresso", "cp2k", "vasp"):
-            return oracle.lower()
-        module = oracle.split(":")[0].split(".")[0]
+            return oracle.lower()  # executables: no package metadata
+        dist = oracle.split(":")[0].split(".")[0]
     try:
-        return f"{module} {importlib.import_module(module).__version__}"
-    except Exception:  # noqa: BLE001 - version is informative only
-        return module
+        return f"{dist} {metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return dist

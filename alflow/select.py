@@ -380,6 +380,9 @@ def select_frames(
         atoms, w, step = items[k]
         out = atoms.copy()
         out.calc = None
+        for key in PREDICTED_FORCES_KEYS:  # predictions must never be read back as labels
+            if key in out.arrays:
+                del out.arrays[key]
         if cfg.strategy == "committee":
             head = "adaptive: no candidates, among the most uncertain non-failed frames" if adaptive else "candidate"
             out.info[SELECTION_REASON] = f"{head}; {texts[k]}; {how[k]}"

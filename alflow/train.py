@@ -434,7 +434,8 @@ def train_committee(
     One train/valid/test split of ``frames`` by ``seed`` (``alflow.data.split`` with
     ``config.valid_fraction`` and ``config.test_fraction``) is shared; member k trains
     with seed ``seed + k`` (batch order) and, with ``bootstrap``, on a resample with
-    replacement of the training frames of the same size. ``init_from``: a committee
+    replacement of the training frames of the same size; a fresh member's E0/scale/shift
+    are fitted on its own training frames. ``init_from``: a committee
     with as many members (member k warm-starts from member k), or one potential that
     every member starts from. With ``out_dir``: ``member_<k>/`` (best.pt, metrics.json),
     ``metrics.json`` (this result) and, for a Committee, ``committee.pt``.

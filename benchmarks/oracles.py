@@ -49,6 +49,9 @@ def installed(oracle: str) -> bool:
     import importlib.util
     import shutil
 
+    if "worker_pythonpath" in SETTINGS.get(oracle, {}):
+        return True
+
     probe = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}
     if oracle == "espresso":
         return shutil.which("pw.x") is not None
@@ -95,7 +98,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="per calculation (s)")
     parser.add_argument("--quick", action="store_true", help="Si2 only, one repeat, no hard frames")
+    parser.add_argument("--sevenn-path", default=None, help="pip --target dir holding sevenn (see docs/labelling.md)")
     args = parser.parse_args()
+    if args.sevenn_path:
+        SETTINGS["sevenn"] = {"worker_pythonpath": args.sevenn_path}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(tempfile.mkdtemp(prefix="alflow-bench-oracles-"))
     rows, fail_rows = [], []

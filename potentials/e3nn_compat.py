@@ -13,17 +13,23 @@ Two problems, both handled here in code (users never set environment variables):
    every subprocess it starts. :func:`import_mace` imports mace and puts the
    variable back as it was; ``import_mace("mace.calculators")`` does the same for
    other mace modules (``mace.calculators`` sets the variable again when imported
-   directly). alflow always passes ``weights_only`` explicitly.
+   directly). alflow always passes ``weights_only`` explicitly. mace's import-time
+   notice about cuequivariance, printed to stdout, goes to this module's debug log
+   so that it cannot corrupt machine-readable output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
 import os
 from types import ModuleType
 
 import torch
 
+logger = logging.getLogger(__name__)
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _prepared = False
 
@@ -49,9 +55,13 @@ def import_mace(name: str = "mace.modules") -> ModuleType:
     """
     prepare_e3nn()
     before = os.environ.get(_ENV)
+    printed = io.StringIO()
     try:
-        return importlib.import_module(name)
+        with contextlib.redirect_stdout(printed):  # mace prints a cuequivariance notice on import
+            return importlib.import_module(name)
     finally:
+        if printed.getvalue().strip():
+            logger.debug("import %s: %s", name, printed.getvalue().strip())
         if before is None:
             os.environ.pop(_ENV, None)
         else:

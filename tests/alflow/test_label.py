@@ -168,14 +168,7 @@ def test_killed_labelling_run_resumes_without_loss_or_duplicates(tmp_path):
     n_before = len(ds)
     assert 3 <= n_before < 12, n_before
     time.sleep(1.5)  # the watchdog of the orphaned worker kills it within ~0.5 s
-    orphans = []
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and str(work).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                orphans.append(pid)
-        except OSError:
-            pass
-    assert not orphans
+    assert not worker_pids(work)
     assert main(["label", str(src), "--dataset", str(ds_dir), "--workdir", str(work), "--oracle",
                  "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}", "--param", "delay=0.3",
                  "--no-progress"]) == 0
@@ -187,6 +180,37 @@ def test_killed_labelling_run_resumes_without_loss_or_duplicates(tmp_path):
     done = [json.loads(line)["frame_hash"] for line in (work / "labelled.jsonl").read_text().splitlines()]
     assert sorted(done) == sorted(set(done)) and len(done) == 12
     assert not (work / FAILURES).exists()
+
+
+def worker_pids(work: Path) -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and str(work).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_ctrl_c_stops_calculations_in_flight_without_failure_records(tmp_path):
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, cu_frames(2))
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "alflow.cli", "label", str(src), "--dataset", str(tmp_path / "ds"), "--workdir",
+           str(work), "--oracle", "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}",
+           "--param", "delay=60", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((work / "scratch").glob("*/task.json"))) < 2:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"interrupted" in err
+    assert time.monotonic() - t0 < 10
+    assert not worker_pids(work) and not (work / FAILURES).exists()
 
 
 def test_parallel_workers_and_cli_params(tmp_path, capsys):

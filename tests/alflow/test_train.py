@@ -24,6 +24,7 @@ from alflow.keys import REF_ENERGY, REF_FORCES, REF_STRESS
 from alflow.metrics import evaluate
 from alflow.train import TrainingDivergedError, train_committee, train_potential
 from potentials.base import UnknownElementError
+from potentials.committee import Committee
 
 CUTOFF = 4.0
 HPARAMS = dict(n_atom_basis=16, n_filters=16, n_interactions=2, n_rbf=10)
@@ -148,10 +149,22 @@ def test_bad_input_is_a_clear_error(frames):
         train_potential(small_schnet(), [broken, frames[1]], [frames[2]], config(), device="cpu", progress=False)
 
 
-def test_max_time_stops_after_one_epoch(frames):
-    result = train_potential(small_schnet(), frames[:8], frames[8:10], config(max_time_s=1e-3), device="cpu",
+def test_max_time_stops_after_one_epoch_and_float64_on_request(frames):
+    model = small_schnet()
+    result = train_potential(model, frames[:8], frames[8:10], config(max_time_s=1e-3), device="cpu", dtype="float64",
                              progress=False)
     assert result.stop_reason == "max_time" and result.epochs == 1
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_training_on_cuda(frames, tmp_path):
+    model = small_schnet()
+    result = train_potential(model, frames[:8], frames[8:10], config(epochs=3), device="cuda", out_dir=tmp_path,
+                             progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    assert result.metrics["valid"]["forces_rmse"] < result.history[0]["valid_forces_rmse"]
+    assert potentials.load(tmp_path / "best.pt", device="cpu").e0.device.type == "cpu"
 
 
 def test_committee_bootstrap_split_and_mean_metrics(frames, tmp_path):
@@ -174,6 +187,7 @@ def test_committee_bootstrap_split_and_mean_metrics(frames, tmp_path):
     ref = np.concatenate([a.arrays[REF_FORCES] for a in test])
     rmse = float(np.sqrt(np.mean((torch.stack(preds).mean(0).numpy() - ref) ** 2)))
     assert result.metrics["test"]["forces_rmse"] == pytest.approx(rmse, rel=1e-4)
+    assert evaluate(Committee(members), test)["forces_rmse"] == pytest.approx(rmse, rel=1e-4)  # vmapped committee mean
     assert json.loads((tmp_path / "metrics.json").read_text())["test_idx"] == list(result.test_idx)
 
 

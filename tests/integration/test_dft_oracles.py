@@ -26,16 +26,19 @@ from ase.units import Rydberg
 
 from alflow.config import LabellingConfig
 from alflow.label import reference_energies, run_calculation
-from alflow.oracles import build_calculator, kpoint_grid, source_of
+from alflow.oracles import kpoint_grid, source_of
 
 CASES = {
     # code: (parameters, kpoint_density, force_tol eV/Å, stress_tol eV/Å³)
     "gpaw": ({"mode": {"name": "pw", "ecut": 300}, "convergence": {"energy": 1e-9, "density": 1e-7}}, 1.4, 5e-3, 2e-3),
-    "espresso": ({"ecutwfc": 25, "electrons": {"conv_thr": 1e-11}}, 1.4, 5e-3, 2e-3),
+    # QE: the diagonal stress differs from the fixed-cutoff finite-strain derivative by the Pulay stress
+    # (1.8e-3 eV/Å³ at 25 Ry with the PSL ultrasoft Si pseudopotential), hence the looser stress tolerance
+    "espresso": ({"ecutwfc": 30, "electrons": {"conv_thr": 1e-11}}, 1.4, 5e-3, 3e-3),
     "cp2k": ({"basis_set": "SZV-MOLOPT-SR-GTH", "cutoff": 200 * Rydberg, "rel_cutoff": 40, "eps_scf": 1e-8},
              0.9, 2e-2, 3e-3),
     "xtb": ({"accuracy": 0.01}, None, 5e-3, 2e-3),
 }
+SLOW = ("gpaw", "espresso", "cp2k")  # > 30 s on 2 shared cores (7 calculations each)
 H = 0.01  # Å
 DELTA = 2e-3  # strain
 
@@ -53,20 +56,15 @@ def strained(atoms, eps: np.ndarray):
 
 
 def energy(atoms, code: str, params: dict, density: float | None, directory) -> float:
-    """Label energy (free energy where given) in this process, same settings as the worker."""
-    calc, _ = build_calculator(code, params, atoms, density, directory)
-    atoms = atoms.copy()
-    atoms.calc = calc
-    e = atoms.get_potential_energy()
-    free = calc.results.get("free_energy")
-    if hasattr(calc, "close"):
-        calc.close()
-    return float(free if free is not None else e)
+    """Label energy (free energy where given) from an isolated worker, 1 thread, same settings."""
+    out = run_calculation(atoms, code, params, directory, kpoint_density=density, timeout_s=900, properties=("energy",))
+    assert out.status == "labelled", f"{out.status}: {out.error}\n{out.log_tail}"
+    return float(out.result["energy"])
 
 
 @pytest.mark.parametrize(
     "code",
-    [pytest.param(c, marks=[pytest.mark.dft(c)] + ([pytest.mark.slow] if c == "cp2k" else [])) for c in CASES],
+    [pytest.param(c, marks=[pytest.mark.dft(c)] + ([pytest.mark.slow] if c in SLOW else [])) for c in CASES],
 )
 def test_forces_and_stress_are_derivatives_of_the_energy(code, tmp_path):
     params, density, force_tol, stress_tol = CASES[code]
@@ -81,7 +79,7 @@ def test_forces_and_stress_are_derivatives_of_the_energy(code, tmp_path):
     print(f"\n{code}: label wall {wall:.1f} s (compute {out.result['elapsed_s']:.1f} s), "
           f"k-points {kpoint_grid(atoms.cell, atoms.pbc, density) if density else params.get('kpts', (1, 1, 1))}")
     e0 = energy(atoms, code, params, density, tmp_path / "e0")
-    assert e0 == pytest.approx(out.result["energy"], abs=1e-5)  # same settings in and out of the worker
+    assert e0 == pytest.approx(out.result["energy"], abs=1e-5)  # energy-only run = labelling run
 
     def e_at(a, tag):
         return energy(a, code, params, density, tmp_path / tag)

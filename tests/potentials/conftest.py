@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,18 @@ from potentials.base import Potential
 SMALL_HPARAMS: dict[str, dict] = {
     "schnet": {"n_atom_basis": 16, "n_filters": 16, "n_interactions": 2, "n_rbf": 8},
     "painn": {"n_atom_basis": 16, "n_interactions": 2, "n_rbf": 8},
+    # the MACE adapter's own small test model (tests/potentials/test_mace.py)
+    "mace": {"hidden_irreps": "8x0e + 8x1o", "max_ell": 2, "correlation": 2, "num_interactions": 2,
+             "num_radial_basis": 4, "radial_MLP": [16], "MLP_irreps": "4x0e"},
+    "dtnn": {"n_atom_basis": 16, "n_factors": 16, "n_interactions": 2, "n_rbf": 10},
+    "physnet": {"n_atom_basis": 16, "n_modules": 2, "n_residual_atomic": 1, "n_residual_interaction": 1,
+                "n_residual_output": 1, "n_rbf": 8},
+    "ani": {"n_radial": 8, "n_angular": 4, "n_angle_sections": 4, "hidden": [16, 8]},
+    "dimenetpp": {"hidden_channels": 16, "out_emb_channels": 16, "num_blocks": 2, "int_emb_size": 8,
+                  "basis_emb_size": 4, "num_spherical": 3, "num_radial": 4, "num_output_layers": 1},
+    "tensornet": {"hidden_channels": 8, "num_layers": 2, "num_rbf": 8},
+    "aimnet2": {"n_features": 8, "n_rbf": 6, "n_vector": 4, "hidden": [32], "aim_size": 16},
+    "sake": {"hidden_features": 16, "n_layers": 2, "n_heads": 2, "n_rbf": 8},
 }
 SPECIES = ("Cu", "Ni")
 CUTOFF = 4.0  # Å: first two fcc shells; larger than the 3.6 Å cubic cell, so many periodic images
@@ -38,12 +51,28 @@ def build_small(
     outputs depend clearly on species and geometry — a test cannot pass with a
     near-constant model — while their scale stays that of the initialisation.
     An architecture whose optional dependency is missing is skipped with the reason.
+    Built once per argument set (some architectures take seconds to build); each call returns a copy.
     """
+    key = (name, cutoff, tuple(species), dtype, seed, perturb)
+    if key not in _BUILT:
+        try:
+            _BUILT[key] = _build_small(name, cutoff, species, dtype, seed, perturb)
+        except ImportError as exc:
+            _BUILT[key] = f"architecture {name!r} cannot be built here: {type(exc).__name__}: {exc}"
+    built = _BUILT[key]
+    if isinstance(built, str):
+        pytest.skip(built)
+    return copy.deepcopy(built)
+
+
+_BUILT: dict[tuple, Potential | str] = {}
+
+
+def _build_small(
+    name: str, cutoff: float, species: tuple[str, ...], dtype: torch.dtype, seed: int, perturb: float
+) -> Potential:
     torch.manual_seed(seed)
-    try:
-        model = potentials.build(name, list(species), cutoff, **SMALL_HPARAMS.get(name, {}))
-    except ImportError as exc:
-        pytest.skip(f"architecture {name!r} cannot be built here: {type(exc).__name__}: {exc}")
+    model = potentials.build(name, list(species), cutoff, **SMALL_HPARAMS.get(name, {}))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():

@@ -27,6 +27,11 @@ from potentials import e3nn_compat
 from potentials.base import UnknownElementError
 from potentials.mace import MACEPotential, mace_hparams
 
+# e3nn 0.4.4 builds and copies its modules with TorchScript, deprecated in torch 2.13: noise, not failures
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The TorchScript type system:UserWarning"),
+]
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(hidden_irreps="8x0e + 8x1o", max_ell=2, correlation=2, num_interactions=2,
              num_radial_basis=4, radial_MLP=[16], MLP_irreps="4x0e")
@@ -104,7 +109,8 @@ def test_e3nn_import_is_fixed_in_code_and_mace_leaves_no_environment_change() ->
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    if torch.__version__ >= "2.6":  # the pitfall exists only with the weights-only default
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if (major, minor) >= (2, 6):  # the pitfall exists only with the weights-only default of torch >= 2.6
         assert "E3NN_ALONE_FAILS" in run.stdout
     assert "ENV None" in run.stdout, run.stdout
 

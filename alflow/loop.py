@@ -1,0 +1,603 @@
+"""The active-learning loop as plain functions over a run directory (no Prefect here).
+
+Run directory (``config.run_dir``)::
+
+    config.yaml        the resolved configuration (absolute paths); a resume checks it
+    state.json         finished stages with their small result dicts, the run status
+    metrics.jsonl      one JSON line per finished iteration (rewritten from state.json)
+    dataset/           alflow.data.Dataset: every label of the run
+    initial/           rattled.extxyz, labelling scratch/, failures.jsonl, labelled.jsonl
+    iter_000/train/    committee.pt, metrics.json, member_<k>/
+    iter_000/explore/  one scored extxyz per walker, walkers.json
+    iter_000/select/   selected.extxyz, summary.json, scores.json
+    iter_000/label/    scratch/, failures.jsonl, labelled.jsonl, errors.json
+    report.md, report.html, report/*.png     (alflow.report)
+
+State machine: ``initial``, then per iteration i ``train`` → ``explore`` →
+``select`` → (stop?) → ``label``. A stage is *finished* only once its record is in
+``state.json`` (written atomically: temp file, fsync, rename). ``LoopRun.run_stage``
+returns the record of a finished stage without running anything; otherwise the
+stage's directory is emptied and the stage computed from scratch, so a kill at
+any moment leaves each stage finished or redone. Labelling is the exception:
+every label goes into the Dataset as it finishes and a rerun skips frames already
+there (``alflow.label``), so no label is lost or made twice.
+
+Stopping is decided after ``select`` of iteration i, with the current config:
+``converged`` when the last ``convergence_patience`` iterations each had an
+accurate fraction (explored frames below ``selection.lower``, and below
+``selection.energy_lower`` when set) ≥ ``convergence_fraction`` with every walker
+finishing its steps; else ``max_labels`` when the oracle labels of the run
+(initial rattle included, imported frames not) reach ``loop.max_labels``; else
+``max_iterations`` at i = max_iterations − 1. A stopping iteration does not
+label: the final model is the committee of that iteration, which the
+exploration just validated and which was trained on every label (no extra
+final training). Raising a limit and rerunning continues the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alflow.config import ConfigError, LoopConfig, RunConfig, dump_config, load_config
+
+STATE, METRICS, CONFIG, LOCK = "state.json", "metrics.jsonl", "config.yaml", ".lock"
+STAGES = ("initial", "train", "explore", "select", "label")
+STOP_REASONS = ("converged", "max_iterations", "max_labels")
+RESUMABLE_CHANGES = ("loop", "execution")  # config sections that may change between sessions
+DONE_STATUS = "DONE"  # walker status of a walker that ran all its steps
+
+log = logging.getLogger("alflow.loop")
+Executor = Callable[[str, "int | None", dict], dict]
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running the loop in this run directory."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot produce a usable result (e.g. every label failed)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def stage_key(stage: str, iteration: int | None) -> str:
+    """``initial`` or ``iter_<i>/<stage>``: the key in state.json and the stage's directory."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {stage!r}")
+    if stage == "initial":
+        return "initial"
+    if iteration is None or iteration < 0:
+        raise ValueError(f"iteration: stage {stage!r} needs an iteration >= 0, got {iteration!r}")
+    return f"iter_{iteration:03d}/{stage}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+
+
+def read_state(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's state.json (an empty state when there is none yet)."""
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        return {"version": 1, "stages": {}, "iterations": [], "status": "new", "final_model": None, "sessions": []}
+    return json.loads(path.read_text())
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl, one per finished iteration."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- convergence
+
+
+def is_converged(row: dict[str, Any], loop: LoopConfig) -> bool:
+    """One iteration is converged: accurate fraction ≥ convergence_fraction and every walker DONE."""
+    statuses = row.get("walker_status") or {}
+    all_done = bool(statuses) and set(statuses) == {DONE_STATUS}
+    return row.get("n_explored", 0) > 0 and row["accurate_fraction"] >= loop.convergence_fraction and all_done
+
+
+def stop_reason(history: list[dict[str, Any]], loop: LoopConfig, labels_total: int) -> str | None:
+    """Why the loop stops after the last row of ``history`` (its select stage), or None to go on labelling.
+
+    ``labels_total``: oracle labels of the run so far (before the last iteration's labelling).
+    """
+    if not history:
+        return None
+    patience = loop.convergence_patience
+    recent = history[-patience:]
+    if len(recent) == patience and all(is_converged(r, loop) for r in recent):
+        return "converged"
+    if loop.max_labels is not None and labels_total >= loop.max_labels:
+        return "max_labels"
+    if history[-1]["iteration"] + 1 >= loop.max_iterations:
+        return "max_iterations"
+    return None
+
+
+def iteration_row(iteration: int, train: dict, explore: dict, select: dict, label: dict | None,
+                  labels_before: int, loop: LoopConfig) -> dict[str, Any]:
+    """The metrics.jsonl row of one iteration from its stage results (units: eV, eV/Å, s)."""
+    n = select["n_frames"]
+    valid = train.get("valid") or {}
+    row = {
+        "iteration": iteration,
+        "dataset_size": train["n_frames"],
+        "train_seconds": train["seconds"],
+        "alpha": train["alpha"],
+        "valid_energy_mae": valid.get("energy_mae"),
+        "valid_forces_rmse": valid.get("forces_rmse"),
+        "n_walkers": len(explore["walkers"]),
+        "walker_status": explore["statuses"],
+        "n_explored": n,
+        "accurate_fraction": select["n_accurate"] / n if n else 0.0,
+        "candidate_fraction": select["n_candidate"] / n if n else 0.0,
+        "failed_fraction": select["n_failed"] / n if n else 0.0,
+        "n_selected": select["n_selected"],
+        "labelled": label is not None,
+        "labels_added": label["n_labelled"] if label else 0,
+        "label_failures": label["n_failed"] if label else 0,
+        "labels_total": labels_before + (label["n_labelled"] if label else 0),
+        "new_forces_rmse": label.get("forces_rmse") if label else None,
+        "new_max_force_error": label.get("max_force_error") if label else None,
+        "seconds": {"train": train["seconds"], "explore": explore["seconds"], "select": select["seconds"],
+                    "label": label["seconds"] if label else 0.0},
+    }
+    row["converged"] = is_converged(row, loop)
+    row["stop"] = None
+    return row
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys that differ between two configs, outside the sections a resume may change."""
+    a = {k: v for k, v in old.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    b = {k: v for k, v in new.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+class LoopRun:
+    """One session on a run directory: holds its lock, reads and records state.json.
+
+    Open with ``LoopRun.open(config)`` (a context manager). Only this object writes
+    state.json; stage computations (``compute_stage``) may run anywhere that sees
+    the run directory (a thread, a process, a Dask worker).
+    """
+
+    def __init__(self, config: RunConfig, state: dict[str, Any], session: int) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.state = state
+        self.session = session
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, config: RunConfig, *, force: bool = False, engine: str = "plain") -> Iterator[LoopRun]:
+        """Lock ``config.run_dir``, check the config against the stored one, record a new session.
+
+        A config that differs outside ``loop`` and ``execution`` is an error
+        (ConfigError naming the keys) unless ``force``.
+        """
+        run_dir = Path(config.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise RunLockedError(f"{run_dir}: another alflow run (pid {holder}) is using this run directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            changed: list[str] = []
+            stored = run_dir / CONFIG
+            if stored.is_file():
+                changed = config_changes(load_config(stored), config)
+                if changed and not force:
+                    raise ConfigError(
+                        f"{run_dir}: the configuration differs from the one this run started with ({stored}) in: "
+                        f"{', '.join(changed)}. Only the loop and execution sections may change on a resume; "
+                        "use a new run_dir, or --force to continue anyway", errors=changed, path=stored)
+            dump_config(config, stored)
+            state = read_state(run_dir)
+            state.setdefault("sessions", []).append(
+                {"started": now(), "pid": os.getpid(), "engine": engine, "config_changes": changed})
+            state.update(name=config.name, run_dir=str(run_dir))
+            run = cls(config, state, len(state["sessions"]) - 1)
+            run._write()
+            yield run
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _write(self) -> None:
+        self.state["updated"] = now()
+        atomic_write_text(self.run_dir / STATE, _json(self.state))
+        rows = "".join(json.dumps(r, default=str) + "\n" for r in self.state["iterations"])
+        atomic_write_text(self.run_dir / METRICS, rows)
+
+    def record(self, stage: str, iteration: int | None) -> dict[str, Any] | None:
+        return self.state["stages"].get(stage_key(stage, iteration))
+
+    def result(self, stage: str, iteration: int | None) -> dict[str, Any] | None:
+        rec = self.record(stage, iteration)
+        return None if rec is None else rec["result"]
+
+    def path(self, relative: str | None) -> str | None:
+        """Absolute path of a run-directory-relative path from a stage result."""
+        return None if relative is None else str(self.run_dir / relative)
+
+    def run_stage(self, stage: str, iteration: int | None, inputs: dict[str, Any],
+                  executor: Executor | None = None) -> dict[str, Any]:
+        """The stage's recorded result when it finished before; else compute it and record it."""
+        key = stage_key(stage, iteration)
+        done = self.state["stages"].get(key)
+        if done is not None:
+            log.info("%s: finished in session %s at %s, not recomputed", key, done["session"], done["finished"])
+            return done["result"]
+        started, t0 = now(), time.perf_counter()
+        run = executor or (lambda s, i, inp: compute_stage(self.run_dir, s, i, inp))
+        result = run(stage, iteration, inputs)
+        self.state["stages"][key] = {"stage": stage, "iteration": iteration, "session": self.session,
+                                     "started": started, "finished": now(),
+                                     "seconds": time.perf_counter() - t0, "result": result}
+        self._write()
+        return result
+
+    def finish_iteration(self, row: dict[str, Any], stop: str | None = None, final_model: str | None = None) -> None:
+        """Store iteration ``row`` (rows after it are dropped: a replay re-adds them) and the run status."""
+        i = row["iteration"]
+        row = {**row, "stop": stop}
+        self.state["iterations"] = [r for r in self.state["iterations"] if r["iteration"] < i] + [row]
+        self.state["status"] = stop or "running"
+        self.state["final_model"] = final_model if stop else None
+        if stop:
+            self.state["finished"] = now()
+        self._write()
+
+    def summary(self) -> dict[str, Any]:
+        """A small dict: status, iterations, labels, dataset size, final model (absolute), run dir."""
+        rows = self.state["iterations"]
+        initial = self.result("initial", None) or {}
+        return {
+            "name": self.config.name,
+            "status": self.state["status"],
+            "iterations": len(rows),
+            "labels": rows[-1]["labels_total"] if rows else initial.get("n_labelled", 0),
+            "dataset_size": rows[-1]["dataset_size"] if rows else initial.get("dataset_size", 0),
+            "final_model": self.path(self.state.get("final_model")),
+            "run_dir": str(self.run_dir),
+            "sessions": len(self.state["sessions"]),
+        }
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or replay) the loop to its stop; finished stages come from state.json. Returns ``run.summary()``."""
+    say = say or log.info
+    cfg = run.config
+    initial = run.run_stage("initial", None, {}, executor)
+    say(f"initial dataset: {initial['dataset_size']} frames ({initial['n_imported']} imported, "
+        f"{initial['n_labelled']} labelled by {cfg.labelling.oracle}, {initial['n_failed']} failed)")
+    labels_total = initial["n_labelled"]
+    history: list[dict[str, Any]] = []
+    i = 0
+    while True:
+        previous = run.result("train", i - 1) if i > 0 else None
+        init_from = run.path(previous["committee"]) if previous and cfg.training.warm_start else cfg.potential.checkpoint
+        train = run.run_stage("train", i, {"species": initial["species"], "init_from": init_from}, executor)
+        say(f"iteration {i}: trained on {train['n_frames']} frames in {train['seconds']:.1f} s, "
+            f"valid force RMSE {train['valid'].get('forces_rmse', float('nan')):.4f} eV/Å, alpha {train['alpha']:.3g}")
+        explore = run.run_stage("explore", i, {"model": run.path(train["committee"])}, executor)
+        budget = cfg.selection.max_per_iteration
+        if cfg.loop.max_labels is not None:
+            budget = max(0, min(budget, cfg.loop.max_labels - labels_total))
+        trajectories = [run.path(w["trajectory"]) for w in explore["walkers"] if w["frames"] > 0]
+        select = run.run_stage("select", i, {"trajectories": trajectories, "budget": budget}, executor)
+        row = iteration_row(i, train, explore, select, None, labels_total, cfg.loop)
+        say(f"iteration {i}: {select['n_frames']} frames explored ({dict(explore['statuses'])}), accurate "
+            f"{row['accurate_fraction']:.1%}, candidates {row['candidate_fraction']:.1%}, "
+            f"failed {row['failed_fraction']:.1%}; {select['n_selected']} selected")
+        reason = stop_reason(history + [row], cfg.loop, labels_total)
+        if reason is not None and run.record("label", i) is None:
+            run.finish_iteration(row, stop=reason, final_model=train["committee"])
+            say(f"stopped after iteration {i}: {reason}; final model {run.path(train['committee'])}")
+            return run.summary()
+        label = run.run_stage("label", i, {"selected": run.path(select["selected"])}, executor)
+        labels_total += label["n_labelled"]
+        row = iteration_row(i, train, explore, select, label, labels_total - label["n_labelled"], cfg.loop)
+        say(f"iteration {i}: {label['n_labelled']} labels added, {label['n_failed']} failed; dataset "
+            f"{label['dataset_size']} frames")
+        history.append(row)
+        run.finish_iteration(row)
+        i += 1
+
+
+def run_loop(config: RunConfig, *, force: bool = False, progress: bool = False, executor: Executor | None = None,
+             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run or resume the whole loop in this process (no Prefect); returns the final summary."""
+    with LoopRun.open(config, force=force, engine="plain") as run:
+        if executor is None:
+            def executor(s: str, i: int | None, inp: dict) -> dict:
+                return compute_stage(run.run_dir, s, i, inp, progress=progress)
+        return drive(run, executor, say)
+
+
+def run_is_complete(config: RunConfig) -> bool:
+    """Whether the run in ``config.run_dir`` already stopped, and would stop there again under ``config``."""
+    state = read_state(config.run_dir)
+    rows = state.get("iterations") or []
+    if state.get("status") not in STOP_REASONS or not rows or rows[-1].get("stop") is None:
+        return False
+    last = rows[-1]
+    fresh = [{**r, "converged": is_converged(r, config.loop)} for r in rows]
+    return stop_reason(fresh, config.loop, last["labels_total"]) is not None
+
+
+# ----------------------------------------------------------------------------- stage computations
+
+
+def compute_stage(run_dir: str | os.PathLike, stage: str, iteration: int | None, inputs: dict[str, Any],
+                  *, progress: bool = False) -> dict[str, Any]:
+    """Compute one stage from scratch; writes its outputs under ``run_dir/stage_key`` and returns a small dict.
+
+    Reads the configuration from ``run_dir/config.yaml``, so it can run in any process.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG)
+    out = run_dir / stage_key(stage, iteration)
+    if stage in ("train", "explore", "select"):  # redone from scratch; label/initial resume their labels
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fn = {"initial": _initial, "train": _train, "explore": _explore, "select": _select, "label": _label}[stage]
+    result = fn(config, run_dir, out, iteration, inputs, progress)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def status_counts(walkers: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(w["status"] for w in walkers))
+
+
+def finite(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _rel(path: str | os.PathLike, run_dir: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), run_dir.resolve())
+
+
+def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: bool) -> dict[str, int]:
+    """Label ``frames`` into ``ds`` (resuming); counts over these frames: labelled (in the dataset), failed."""
+    from alflow.io import frame_hash
+    from alflow.label import FAILURES, label_frames, read_failures
+
+    hashes = {frame_hash(a) for a in frames}
+    final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}
+    retry = bool(hashes) and not (hashes & ds.hashes) and hashes <= final  # all failed last time: try again
+    res = label_frames(frames, cfg.labelling, ds, workdir, progress=progress, max_workers=cfg.execution.max_workers,
+                       retry_failed=retry)
+    stored = hashes & ds.hashes
+    final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}
+    return {"n_frames": len(hashes), "n_labelled": len(stored), "n_failed": len((final & hashes) - stored),
+            "n_attempts": res.n_attempts}
+
+
+def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, inputs: dict, progress: bool) -> dict:
+    """Import ``system.initial_dataset`` and/or label ``system.initial_rattle`` copies of the structures."""
+    from ase.data import chemical_symbols
+
+    from alflow.data import Dataset, read_frames
+    from alflow.explore.runner import system_structures
+    from alflow.explore.structures import random_strain, rattled
+    from alflow.io import frame_hash, write_extxyz_atomic
+    from alflow.keys import ITERATION, SOURCE
+
+    ds = Dataset(run_dir / "dataset")
+    structures = system_structures(cfg.system)
+    n_imported = 0
+    if cfg.system.initial_dataset is not None:
+        ds.import_file(cfg.system.initial_dataset)
+        n_imported = len({frame_hash(a) for a in read_frames(cfg.system.initial_dataset)} & ds.hashes)
+    counts = {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    if cfg.system.initial_rattle is not None:
+        r = cfg.system.initial_rattle
+        rng = np.random.default_rng([cfg.seed, 7])
+        frames = []
+        for k in range(r.n_frames):
+            atoms = rattled(random_strain(structures[k % len(structures)], r.strain, rng), r.stdev, rng)
+            atoms.info.update({SOURCE: "rattle", ITERATION: -1})
+            frames.append(atoms)
+        write_extxyz_atomic(frames, out / "rattled.extxyz")
+        counts = _label_into(frames, cfg, ds, out, progress)
+    n = len(ds)
+    if n < 2:
+        raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, {counts['n_labelled']} of "
+                         f"{counts['n_frames']} rattled frames labelled, failures in {out / 'failures.jsonl'}); "
+                         "training needs at least 2: set system.initial_dataset or system.initial_rattle.n_frames")
+    species = sorted({int(z) for s in structures for z in s.numbers} | {int(z) for a in ds.frames() for z in a.numbers})
+    return {"n_imported": n_imported, "n_rattled": counts["n_frames"], "n_labelled": counts["n_labelled"],
+            "n_failed": counts["n_failed"], "dataset_size": n, "species": species,
+            "elements": [chemical_symbols[z] for z in species]}
+
+
+_METRIC_KEYS = ("n_frames", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "stress_rmse")
+
+
+def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Train the committee on the whole dataset (warm start from ``inputs['init_from']``), calibrate, save."""
+    import torch
+
+    import potentials
+    from alflow.committee import calibrate_committee
+    from alflow.data import Dataset
+    from alflow.train import train_committee
+    from potentials.committee import Committee
+
+    frames = Dataset(run_dir / "dataset").frames()
+    pot = cfg.potential
+    committee = Committee.build(pot.architecture, cfg.committee.size, inputs["species"], pot.cutoff,
+                                seed=cfg.seed + 1000 * iteration, **pot.hparams)
+    committee.to(getattr(torch, pot.dtype))
+    init_from = inputs.get("init_from")
+    result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap,
+                             device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed + iteration, out_dir=out,
+                             progress=progress, init_from=init_from)
+    alpha, note = 1.0, None
+    if cfg.committee.calibrate:
+        committee.eval()
+        try:
+            alpha = calibrate_committee(committee, [frames[k] for k in result.valid_idx])
+        except ValueError as err:  # e.g. members agreeing exactly somewhere: keep alpha = 1
+            note = f"calibration skipped: {err}"
+            log.warning("iteration %s: %s", iteration, note)
+    potentials.save(committee, out / "committee.pt")
+    metrics = {split: {k: m[k] for k in _METRIC_KEYS if m.get(k) is not None} for split, m in result.metrics.items()}
+    return {"committee": _rel(out / "committee.pt", run_dir), "n_frames": len(frames), "n_train": len(result.train_idx),
+            "n_valid": len(result.valid_idx), "n_test": len(result.test_idx), "alpha": float(alpha),
+            "calibration_note": note, "warm_start": init_from is not None, "train_seconds": result.seconds,
+            "valid": metrics.get("valid", {}), "train": metrics.get("train", {}), "test": metrics.get("test", {}),
+            "members": [{"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
+                         "seconds": m.seconds} for m in result.members]}
+
+
+def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Run every walker with the committee; one scored trajectory per walker."""
+    from alflow.explore.runner import explore
+
+    results = explore(cfg, inputs["model"], out, iteration=iteration, device=cfg.execution.device, progress=progress)
+    walkers = [{"name": w["name"], "status": w["status"], "steps": int(w["steps"]), "frames": int(w["frames"]),
+                "trajectory": _rel(w["trajectory"], run_dir), "max_force_deviation": w.get("max_force_deviation"),
+                "message": str(w.get("message", ""))[:500], "seconds": float(w.get("seconds", 0.0))} for w in results]
+    if walkers and all(w["status"] == "ERROR" for w in walkers):
+        raise StageError(f"iteration {iteration}: every walker failed; first error: {walkers[0]['message']}")
+    return {"walkers": walkers, "statuses": status_counts(walkers), "n_frames": sum(w["frames"] for w in walkers)}
+
+
+def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Classify the explored frames and choose the ones to label (``alflow.select``)."""
+    from alflow.data import Dataset
+    from alflow.io import write_extxyz_atomic
+    from alflow.keys import ENERGY_DEVIATION_PER_ATOM, ITERATION, MAX_FORCE_DEVIATION, WALKER
+    from alflow.select import load_scored, select_frames
+
+    trajectories = load_scored([p for p in inputs["trajectories"] if Path(p).is_file()])
+    for trajectory in trajectories:
+        for atoms in trajectory:
+            atoms.info[ITERATION] = iteration
+    selection = select_frames(trajectories, cfg.selection, Dataset(run_dir / "dataset"), seed=cfg.seed + iteration,
+                              budget=inputs["budget"])
+    selected = None
+    if selection.frames:
+        write_extxyz_atomic(selection.frames, out / "selected.extxyz")
+        selected = _rel(out / "selected.extxyz", run_dir)
+    frames = [a for t in trajectories for a in t]
+    scores = {"lower": cfg.selection.lower, "upper": cfg.selection.upper,
+              MAX_FORCE_DEVIATION: [float(a.info.get(MAX_FORCE_DEVIATION, np.nan)) for a in frames],
+              ENERGY_DEVIATION_PER_ATOM: [float(a.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)) for a in frames],
+              WALKER: [str(a.info.get(WALKER, "")) for a in frames]}
+    atomic_write_text(out / "scores.json", json.dumps(scores).replace("NaN", "null"))
+    atomic_write_text(out / "summary.json", _json(selection.summary))
+    s = selection.summary
+    return {"n_frames": s["n_frames"], "n_accurate": s["n_accurate"], "n_candidate": s["n_candidate"],
+            "n_failed": s["n_failed"], "n_selected": s["n_selected"], "adaptive": s["adaptive"],
+            "budget": s["budget"], "rejections": s["rejections"], "selected": selected}
+
+
+def prediction_errors(selected: list, dataset_frames: list) -> list[dict[str, Any]]:
+    """Committee prediction vs label for each selected frame now labelled (eV/Å, eV/atom)."""
+    from alflow.io import frame_hash
+    from alflow.keys import ENERGY_DEVIATION_PER_ATOM, FRAME_HASH, MAX_FORCE_DEVIATION, REF_ENERGY, REF_FORCES, STEP, WALKER
+
+    by_hash = {a.info[FRAME_HASH]: a for a in dataset_frames}
+    rows = []
+    for atoms in selected:
+        h = frame_hash(atoms)
+        ref = by_hash.get(h)
+        if ref is None or "pred_forces" not in atoms.arrays:
+            continue
+        diff = np.asarray(atoms.arrays["pred_forces"], float) - np.asarray(ref.arrays[REF_FORCES], float)
+        pred_e = atoms.info.get("pred_energy")
+        rows.append({
+            "frame_hash": h, "walker": str(atoms.info.get(WALKER, "")), "step": int(atoms.info.get(STEP, -1)),
+            MAX_FORCE_DEVIATION: finite(atoms.info.get(MAX_FORCE_DEVIATION, np.nan)),
+            ENERGY_DEVIATION_PER_ATOM: finite(atoms.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)),
+            "max_force_error": float(np.linalg.norm(diff, axis=1).max()),
+            "force_rmse": float(np.sqrt(np.mean(diff**2))),
+            "energy_error_per_atom": None if pred_e is None else (float(pred_e) - float(ref.info[REF_ENERGY])) / len(atoms),
+            "sq_sum": float(np.sum(diff**2)), "n_components": int(diff.size),
+        })
+    return rows
+
+
+def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Label the selected frames into the dataset (resumable) and measure the committee's true errors on them."""
+    import ase.io
+
+    from alflow.data import Dataset
+
+    ds = Dataset(run_dir / "dataset")
+    frames = ase.io.read(inputs["selected"], index=":", format="extxyz") if inputs.get("selected") else []
+    counts = _label_into(frames, cfg, ds, out, progress) if frames else {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    if frames and counts["n_labelled"] == 0:
+        raise StageError(f"iteration {iteration}: labelling failed for all {len(frames)} selected frames; see "
+                         f"{out / 'failures.jsonl'}. Fix the oracle settings and rerun: failed frames are tried again")
+    errors = prediction_errors(frames, ds.frames()) if frames else []
+    atomic_write_text(out / "errors.json", _json(errors))
+    n_comp = sum(e["n_components"] for e in errors)
+    return {**counts, "dataset_size": len(ds),
+            "forces_rmse": float(np.sqrt(sum(e["sq_sum"] for e in errors) / n_comp)) if n_comp else None,
+            "max_force_error": max((e["max_force_error"] for e in errors), default=None)}

@@ -1,0 +1,95 @@
+"""Prefect tasks: one per loop stage, each a thin wrapper over ``alflow.loop.compute_stage``.
+
+Tasks take and return small things only (the run directory as a string, the
+iteration, a dict of paths and numbers), so Prefect keeps no frames, arrays or
+models in memory or in its database. Results are not persisted and not cached:
+whether a stage must run is decided by the run directory's ``state.json``
+(``alflow.loop.LoopRun.run_stage``), never by Prefect's cache.
+
+Tags: ``gpu`` for train and explore, ``dft`` for initial and label, so
+``prefect concurrency-limit create dft 4`` bounds concurrent oracle stages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from alflow.config import RunConfig
+from alflow.loop import compute_stage
+
+_COMMON: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def _run(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    logger = get_run_logger()
+    where = stage if iteration is None else f"{stage} (iteration {iteration})"
+    logger.info("%s: starting in %s", where, run_dir)
+    result = compute_stage(run_dir, stage, iteration, inputs)
+    small = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    logger.info("%s: done in %.1f s %s", where, result["seconds"], small)
+    return result
+
+
+@task(name="initial", task_run_name="initial", retries=2, retry_delay_seconds=5, tags=["dft"], **_COMMON)
+def initial_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The initial dataset: import and/or label rattled structures (resumes its labels on retry)."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+@task(name="train", task_run_name="train-{iteration}", retries=0, tags=["gpu"], **_COMMON)
+def train_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Train (and calibrate) the committee of one iteration."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+@task(name="explore", task_run_name="explore-{iteration}", retries=1, retry_delay_seconds=5, tags=["gpu"], **_COMMON)
+def explore_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Run the MD walkers with the committee."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+@task(name="select", task_run_name="select-{iteration}", retries=0, **_COMMON)
+def select_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Choose the frames to label."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+@task(name="label", task_run_name="label-{iteration}", retries=2, retry_delay_seconds=10, tags=["dft"], **_COMMON)
+def label_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Label the selected frames (labels already in the dataset are skipped on retry)."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+TASKS = {"initial": initial_task, "train": train_task, "explore": explore_task, "select": select_task,
+         "label": label_task}
+
+
+def stage_timeouts(config: RunConfig) -> dict[str, float | None]:
+    """Generous ``timeout_seconds`` per stage from the config (None: no limit).
+
+    train: every member may use ``training.max_time_s`` plus validation, twice over;
+    initial/label: every attempt of every frame at ``labelling.timeout_s``, in
+    rounds of ``execution.max_workers``. Explore and select have no limit.
+    Prefect cannot interrupt a blocking call (a subprocess wait, a long torch
+    kernel) in a thread promptly; labelling enforces ``labelling.timeout_s`` per
+    calculation itself, and training ``training.max_time_s``.
+    """
+    lab = config.labelling
+    workers = config.execution.max_workers
+
+    def labelling(n: int) -> float:
+        return lab.timeout_s * (lab.retries + 1) * math.ceil(max(n, 1) / workers) + 600.0
+
+    rattle = config.system.initial_rattle
+    train = config.training.max_time_s
+    return {
+        "initial": labelling(rattle.n_frames if rattle is not None else 1),
+        "train": None if train is None else 2.0 * config.committee.size * train + 600.0,
+        "explore": None,
+        "select": None,
+        "label": labelling(config.selection.max_per_iteration),
+    }
