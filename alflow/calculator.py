@@ -17,6 +17,11 @@ committee means and ``results`` also holds, as numpy arrays for the one structur
 computed, ``energy_var`` (scalar, eV²), ``forces_var`` (N, 3), ``force_deviation``
 (N,), ``max_force_deviation`` (eV/Å) and ``energy_deviation_per_atom`` (eV/atom),
 all calibrated by the committee's α (definitions: ``alflow.committee``).
+
+ASE reserves ``energies`` for *per-atom* energies: ``ase.io.write(..., format="extxyz")``
+copies ``calc.results`` into the file and fails (K ≠ N) or mislabels the member
+energies as per-atom energies (K = N). Write frames without the calculator attached
+(``atoms.calc = None``) or with ``write_results=False``.
 """
 
 from __future__ import annotations

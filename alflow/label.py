@@ -56,7 +56,7 @@ from alflow.config import LabellingConfig
 from alflow.data import Dataset
 from alflow.io import frame_hash
 from alflow.keys import FRAME_HASH, LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, STATUS, TIMESTAMP
-from alflow.oracles import code_version, deep_merge, isolated_atom, kpoint_grid, source_of
+from alflow.oracles import code_version, deep_merge, isolated_atom, source_of
 
 __all__ = ["LabelResult", "Outcome", "label_frames", "read_failures", "reference_energies", "run_calculation"]
 
@@ -426,12 +426,3 @@ def reference_energies(
         os.replace(tmp, path)
     return {e: float(entry["energies"][e]) for e in elements}
 
-
-def kpoints_for(atoms: Atoms, config: LabellingConfig) -> tuple[int, int, int]:
-    """The Γ-centred grid the built-in DFT oracles use for ``atoms`` (Γ-only for xtb and non-DFT oracles)."""
-    from alflow.oracles import DEFAULT_KPOINT_DENSITY
-
-    if config.oracle not in ("gpaw", "espresso", "cp2k", "vasp"):
-        return (1, 1, 1)
-    density = DEFAULT_KPOINT_DENSITY if config.kpoint_density is None else config.kpoint_density
-    return kpoint_grid(atoms.cell, atoms.pbc, density)

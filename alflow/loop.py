@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from alflow.config import ConfigError, LoopConfig, RunConfig, dump_config, load_config
+from alflow.config import ConfigError, LoopConfig, RunConfig, config_to_yaml, load_config
 
 STATE, METRICS, CONFIG, LOCK = "state.json", "metrics.jsonl", "config.yaml", ".lock"
 STAGES = ("initial", "train", "explore", "select", "label")
@@ -245,7 +245,8 @@ class LoopRun:
                         f"{run_dir}: the configuration differs from the one this run started with ({stored}) in: "
                         f"{', '.join(changed)}. Only the loop and execution sections may change on a resume; "
                         "use a new run_dir, or --force to continue anyway", errors=changed, path=stored)
-            dump_config(config, stored)
+            atomic_write_text(stored, f"# alflow run configuration '{config.name}' (all defaults resolved)\n"
+                              + config_to_yaml(config))
             state = read_state(run_dir)
             state.setdefault("sessions", []).append(
                 {"started": now(), "pid": os.getpid(), "engine": engine, "config_changes": changed})
@@ -286,12 +287,23 @@ class LoopRun:
             return done["result"]
         started, t0 = now(), time.perf_counter()
         run = executor or (lambda s, i, inp: compute_stage(self.run_dir, s, i, inp))
-        result = run(stage, iteration, inputs)
+        try:
+            result = run(stage, iteration, inputs)
+        except BaseException as err:
+            self.state.setdefault("failures", []).append(
+                {"stage": key, "session": self.session, "time": now(), "error": f"{type(err).__name__}: {err}"[:2000]})
+            self._write()
+            raise
         self.state["stages"][key] = {"stage": stage, "iteration": iteration, "session": self.session,
                                      "started": started, "finished": now(),
                                      "seconds": time.perf_counter() - t0, "result": result}
         self._write()
         return result
+
+    def failed_before(self, stage: str, iteration: int | None) -> bool:
+        """Whether this stage failed in an earlier session (then labelling retries its failed frames)."""
+        key = stage_key(stage, iteration)
+        return any(f["stage"] == key and f["session"] < self.session for f in self.state.get("failures", []))
 
     def finish_iteration(self, row: dict[str, Any], stop: str | None = None, final_model: str | None = None) -> None:
         """Store iteration ``row`` (rows after it are dropped: a replay re-adds them) and the run status."""
@@ -327,7 +339,7 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
     """Run (or replay) the loop to its stop; finished stages come from state.json. Returns ``run.summary()``."""
     say = say or log.info
     cfg = run.config
-    initial = run.run_stage("initial", None, {}, executor)
+    initial = run.run_stage("initial", None, {"retry_failed": run.failed_before("initial", None)}, executor)
     say(f"initial dataset: {initial['dataset_size']} frames ({initial['n_imported']} imported, "
         f"{initial['n_labelled']} labelled by {cfg.labelling.oracle}, {initial['n_failed']} failed)")
     labels_total = initial["n_labelled"]
@@ -354,7 +366,8 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
             run.finish_iteration(row, stop=reason, final_model=train["committee"])
             say(f"stopped after iteration {i}: {reason}; final model {run.path(train['committee'])}")
             return run.summary()
-        label = run.run_stage("label", i, {"selected": run.path(select["selected"])}, executor)
+        label = run.run_stage("label", i, {"selected": run.path(select["selected"]),
+                                           "retry_failed": run.failed_before("label", i)}, executor)
         labels_total += label["n_labelled"]
         row = iteration_row(i, train, explore, select, label, labels_total - label["n_labelled"], cfg.loop)
         say(f"iteration {i}: {label['n_labelled']} labels added, {label['n_failed']} failed; dataset "
@@ -420,16 +433,19 @@ def _rel(path: str | os.PathLike, run_dir: Path) -> str:
     return os.path.relpath(Path(path).resolve(), run_dir.resolve())
 
 
-def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: bool) -> dict[str, int]:
-    """Label ``frames`` into ``ds`` (resuming); counts over these frames: labelled (in the dataset), failed."""
+def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: bool,
+                retry_failed: bool) -> dict[str, int]:
+    """Label ``frames`` into ``ds`` (resuming); counts over these frames: labelled (in the dataset), failed.
+
+    ``retry_failed``: try frames that finally failed before again (the stage failed in an earlier session,
+    e.g. a broken oracle since fixed); Prefect's retries within a session do not.
+    """
     from alflow.io import frame_hash
     from alflow.label import FAILURES, label_frames, read_failures
 
     hashes = {frame_hash(a) for a in frames}
-    final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}
-    retry = bool(hashes) and not (hashes & ds.hashes) and hashes <= final  # all failed last time: try again
     res = label_frames(frames, cfg.labelling, ds, workdir, progress=progress, max_workers=cfg.execution.max_workers,
-                       retry_failed=retry)
+                       retry_failed=retry_failed)
     stored = hashes & ds.hashes
     final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}
     return {"n_frames": len(hashes), "n_labelled": len(stored), "n_failed": len((final & hashes) - stored),
@@ -462,7 +478,7 @@ def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, in
             atoms.info.update({SOURCE: "rattle", ITERATION: -1})
             frames.append(atoms)
         write_extxyz_atomic(frames, out / "rattled.extxyz")
-        counts = _label_into(frames, cfg, ds, out, progress)
+        counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
     n = len(ds)
     if n < 2:
         raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, {counts['n_labelled']} of "
@@ -487,7 +503,10 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     from alflow.train import train_committee
     from potentials.committee import Committee
 
-    frames = Dataset(run_dir / "dataset").frames()
+    from alflow.keys import FRAME_HASH
+
+    # sorted by content hash: the split and the model do not depend on the order labels arrived in
+    frames = sorted(Dataset(run_dir / "dataset").frames(), key=lambda a: a.info[FRAME_HASH])
     pot = cfg.potential
     committee = Committee.build(pot.architecture, cfg.committee.size, inputs["species"], pot.cutoff,
                                 seed=cfg.seed + 1000 * iteration, **pot.hparams)
@@ -591,10 +610,12 @@ def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
 
     ds = Dataset(run_dir / "dataset")
     frames = ase.io.read(inputs["selected"], index=":", format="extxyz") if inputs.get("selected") else []
-    counts = _label_into(frames, cfg, ds, out, progress) if frames else {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    counts = {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    if frames:
+        counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
     if frames and counts["n_labelled"] == 0:
         raise StageError(f"iteration {iteration}: labelling failed for all {len(frames)} selected frames; see "
-                         f"{out / 'failures.jsonl'}. Fix the oracle settings and rerun: failed frames are tried again")
+                         f"{out / 'failures.jsonl'}. Fix the oracle and rerun (--force after a config change): failed frames are tried again")
     errors = prediction_errors(frames, ds.frames()) if frames else []
     atomic_write_text(out / "errors.json", _json(errors))
     n_comp = sum(e["n_components"] for e in errors)

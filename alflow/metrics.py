@@ -26,9 +26,6 @@ from alflow import keys
 from alflow.graph import STRESS_MASK, atoms_to_batch
 
 UNITS = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å³"}
-_ATOM_KEYS = (keys.POSITIONS, keys.NUMBERS, keys.REF_FORCES)
-_FRAME_KEYS = (keys.CELL, keys.PBC, keys.N_ATOMS, keys.REF_ENERGY, keys.REF_STRESS, STRESS_MASK)
-_EDGE_KEYS = (keys.SHIFTS,)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -65,6 +62,11 @@ class GraphCache:
     def __init__(self, frames: Sequence[Atoms], cutoff: float, dtype: torch.dtype, device: torch.device) -> None:
         self.cutoff, self.dtype, self.device = float(cutoff), dtype, device
         self.graphs = [atoms_to_batch(a, cutoff, dtype=dtype, device=device, labels=True) for a in frames]
+        present = [set(g) for g in self.graphs]
+        optional = set().union(*present) - set.intersection(*present) if present else set()
+        for key in optional:  # per-structure extras (total charge) present on some frames only: 0 elsewhere
+            for g in self.graphs:
+                g.setdefault(key, torch.zeros(1, dtype=dtype, device=device))
         self.n_atoms = [len(a) for a in frames]
         self.has_stress = [bool(g[STRESS_MASK].any()) for g in self.graphs]
 
@@ -80,7 +82,8 @@ class GraphCache:
         for i in indices:
             offsets.append(total)
             total += self.n_atoms[int(i)]
-        out = {k: torch.cat([p[k] for p in parts]) for k in _ATOM_KEYS + _FRAME_KEYS + _EDGE_KEYS}
+        # per-atom, per-structure and per-edge tensors alike concatenate along dim 0 (optional keys: charge)
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in (keys.EDGE_INDEX, keys.BATCH)}
         out[keys.EDGE_INDEX] = torch.cat([p[keys.EDGE_INDEX] + off for p, off in zip(parts, offsets)], dim=1)
         out[keys.BATCH] = torch.repeat_interleave(
             torch.arange(len(parts), device=self.device), out[keys.N_ATOMS].to(self.device)

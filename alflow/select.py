@@ -259,11 +259,14 @@ class _Caps:
         self.steps.setdefault(walker, []).append(step)
 
 
-def _dataset_view(dataset: Any) -> tuple[frozenset[str], list[Atoms]]:
+def _dataset_view(dataset: Any, need_frames: bool) -> tuple[frozenset[str], list[Atoms]]:
+    """Content hashes of the dataset, and its frames when the descriptors need them."""
     if dataset is None:
         return frozenset(), []
     if hasattr(dataset, "hashes") and hasattr(dataset, "frames"):
-        return dataset.hashes, dataset.frames()
+        return dataset.hashes, dataset.frames() if need_frames else []
+    if isinstance(dataset, (set, frozenset)):  # content hashes only: no near-dataset exclusion
+        return frozenset(dataset), []
     frames = list(dataset)
     return frozenset(a.info.get(FRAME_HASH) or frame_hash(a) for a in frames), frames
 
@@ -279,7 +282,8 @@ def select_frames(
     volume_per_atom: tuple[float, float] = (1.0, 500.0),
     cell_angles: tuple[float, float] = (20.0, 160.0),
 ) -> Selection:
-    """Choose frames to label (module docstring). ``dataset``: a ``Dataset``, a list of frames, or None.
+    """Choose frames to label (module docstring). ``dataset``: a ``Dataset``, a list of frames, a set of
+    content hashes (``Dataset.hashes``; exact duplicates only), or None.
 
     ``budget`` overrides ``config.max_per_iteration`` (e.g. give the random
     baseline the number the committee strategy selected).
@@ -287,7 +291,7 @@ def select_frames(
     cfg = config or SelectionConfig()
     budget = cfg.max_per_iteration if budget is None else int(budget)
     items = _flatten(trajectories)
-    ds_hashes, ds_frames = _dataset_view(dataset)
+    ds_hashes, ds_frames = _dataset_view(dataset, cfg.strategy == "committee" and cfg.diversity == "fps")
     walkers = list(dict.fromkeys(w for _, w, _ in items))
     per_walker = {w: Counter() for w in walkers}
     rejections: Counter[str] = Counter()
@@ -300,7 +304,8 @@ def select_frames(
         rejections[reason.split(":")[0]] += 1
 
     classes, scores, texts = [], np.zeros(len(items)), []
-    scored = cfg.strategy == "committee" or all(MAX_FORCE_DEVIATION in a.info for a, _, _ in items)
+    keys = [MAX_FORCE_DEVIATION] + ([ENERGY_DEVIATION_PER_ATOM] if cfg.energy_lower or cfg.energy_upper else [])
+    scored = cfg.strategy == "committee" or all(k in a.info for a, _, _ in items for k in keys)
     if scored:  # the random baseline ignores scores; they only feed its summary
         for k, (atoms, w, step) in enumerate(items):
             cls, scores[k], text = classify(atoms, cfg, f"walker {w}, step {step}")
@@ -318,14 +323,14 @@ def select_frames(
     else:
         pool, adaptive = list(range(len(items))), False
 
-    hashes = [frame_hash(a) for a, _, _ in items]
     kept, seen = [], set(ds_hashes)
     n_duplicate = 0
     for k in pool:
-        if hashes[k] in seen:
+        h = frame_hash(items[k][0])
+        if h in seen:
             n_duplicate += 1
             continue
-        seen.add(hashes[k])
+        seen.add(h)
         why = physical_rejection(items[k][0], cfg, volume_per_atom, cell_angles)
         if why is not None:
             per_walker[items[k][1]]["filtered"] += 1

@@ -114,7 +114,8 @@ def main() -> None:
             out = alflow_efs()
             mace_calc()
             df = float(np.abs(out["forces"].detach().numpy() - calc.results["forces"]).max())
-            (t_ef, _), (t_efs, c_efs), (t_calc, c_calc) = best_times([alflow_ef, alflow_efs, mace_calc], repeats, min_time)
+            timings = best_times([alflow_ef, alflow_efs, mace_calc], repeats, min_time)
+            (t_ef, _), (t_efs, c_efs), (t_calc, c_calc) = timings
             print(f"| {n_atoms} | {dtype_name} | {t_ef * 1e3:.1f} | {t_efs * 1e3:.1f} | {t_calc * 1e3:.1f} | "
                   f"{t_ef / t_calc:.3f} | {t_efs / t_calc:.3f} | {c_efs / c_calc:.3f} | {df:.1e} |", flush=True)
 

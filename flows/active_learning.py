@@ -87,11 +87,12 @@ def active_learning(config_path: str, force: bool = False) -> dict[str, Any]:
 
     logger = get_run_logger()
     config = load_config(config_path)
-    timeouts = stage_timeouts(config)
+    # a thread cannot be interrupted: Prefect would only warn, then fail a finished stage; no limits there
+    timeouts = stage_timeouts(config) if config.execution.task_runner != "thread" else {}
     run_dir = str(config.run_dir)
 
     def submit(stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
-        task = TASKS[stage].with_options(timeout_seconds=timeouts[stage])
+        task = TASKS[stage].with_options(timeout_seconds=timeouts.get(stage))
         return task.submit(run_dir, stage, iteration, inputs).result()  # raises when the task failed
 
     logger.info("%s", config.summary())

@@ -107,6 +107,7 @@ class Committee(nn.Module):
         self._vmap_error: str | None = None  # set once vmap has failed for this architecture
         self._stack_key: tuple | None = None
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self._slots: tuple | None = None
         self.train(ref.training)  # a committee of eval-mode members starts in eval mode
 
     # ------------------------------------------------------------------ basics
@@ -137,11 +138,32 @@ class Committee(nn.Module):
     # ------------------------------------------------------------------ stacked parameters
 
     def _tensors(self) -> tuple[list[str], list[str], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-        pnames = [n for n, _ in self.members[0].named_parameters()]
-        bnames = [n for n, _ in self.members[0].named_buffers()]
-        params = [[p for _, p in m.named_parameters()] for m in self.members]
-        buffers = [[b for _, b in m.named_buffers()] for m in self.members]
-        return pnames, bnames, params, buffers
+        """Parameter and buffer names, and each member's current tensors in that order.
+
+        The owners of the tensors are looked up once (``named_parameters`` is slow on deep
+        modules); each call re-reads the owners' ``_parameters``/``_buffers`` dicts, so a
+        replaced parameter (``load_state_dict(assign=True)``) is still seen.
+        """
+        if self._slots is None:
+            pnames = [n for n, _ in self.members[0].named_parameters()]
+            bnames = [n for n, _ in self.members[0].named_buffers()]
+            slots = []
+            for m in self.members:
+                owners = []
+                for table, names in (("_parameters", pnames), ("_buffers", bnames)):
+                    for name in names:
+                        path, _, attr = name.rpartition(".")
+                        owners.append((getattr(m.get_submodule(path), table), attr))
+                slots.append(owners)
+            self._slots = (pnames, bnames, slots)
+        pnames, bnames, slots = self._slots
+        n_p = len(pnames)
+        try:
+            tensors = [[table[attr] for table, attr in owners] for owners in slots]
+        except KeyError:  # the module structure changed: look the owners up again
+            self._slots = None
+            return self._tensors()
+        return pnames, bnames, [t[:n_p] for t in tensors], [t[n_p:] for t in tensors]
 
     def stacked_state(self, differentiable: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Members' parameters and buffers stacked along a new first axis (K, ...), keyed ``model.<name>``.
@@ -157,7 +179,7 @@ class Committee(nn.Module):
                 {f"model.{n}": torch.stack([bs[i] for bs in buffers]) for i, n in enumerate(bnames)},
             )
         try:
-            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for ts in (*params, *buffers) for t in ts)
+            key = tuple((t._version, t.data_ptr()) for ts in (*params, *buffers) for t in ts)
         except RuntimeError:  # inference tensors carry no version counter: restack every call
             key = None
         if key is None or key != self._stack_key or self._stack is None:
@@ -170,7 +192,7 @@ class Committee(nn.Module):
         return self._stack
 
     def _apply(self, fn, recurse=True):  # .to()/.double()/.cuda(): drop the cached stack
-        self._stack, self._stack_key = None, None
+        self._stack, self._stack_key, self._slots = None, None, None
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ evaluation

@@ -117,7 +117,9 @@ class MACEPotential(Potential):
         if int(num_interactions) < 1:
             raise ValueError(f"num_interactions: expected at least 1, got {num_interactions!r}")
         if isinstance(correlation, (list, tuple)) and len(correlation) != num_interactions:
-            raise ValueError(f"correlation: expected one value per interaction ({num_interactions}), got {correlation!r}")
+            raise ValueError(
+                f"correlation: expected one value per interaction ({num_interactions}), got {correlation!r}"
+            )
         order = [int(z) for z in (atomic_numbers if atomic_numbers is not None else self.species)]
         if sorted(order) != self.species:
             raise ValueError(f"atomic_numbers: expected a permutation of the species {self.species}, got {order}")
@@ -193,15 +195,20 @@ class MACEPotential(Potential):
             "ptr": ptr,
         }
 
-    def atomic_energies(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    def atomic_energies(
+        self, batch: dict[str, torch.Tensor], vectors: torch.Tensor, species: torch.Tensor
+    ) -> torch.Tensor:
         """MACE's per-atom energy with its internal E0/scale/shift at 0/1/0 (N,); ``vectors`` equal MACE's own."""
         data = self.mace_input(batch, species)
         out = self.model(data, training=self.training, compute_force=False, compute_virials=False, compute_stress=False)
         return out["node_energy"].to(data["positions"].dtype)  # ScaleShiftMACE returns float64
 
     def parameter_groups(self, weight_decay: float = 5e-7) -> list[dict[str, Any]]:
-        """Optimizer groups of mace_run_train's recipe: L2 decay on the interactions' linear/skip weights
-        and the products, none on the embedding, radial MLPs and readouts (``torch.optim.Adam(groups, amsgrad=True)``)."""
+        """Optimizer groups of mace_run_train's recipe: L2 decay on the interactions' linear/skip
+        weights and the products, none on the embedding, radial MLPs and readouts.
+
+        Use as ``torch.optim.Adam(model.parameter_groups(), lr=0.01, amsgrad=True)``.
+        """
         decay, no_decay = [], []
         for name, p in self.model.interactions.named_parameters():
             (decay if "linear.weight" in name or "skip_tp_full.weight" in name else no_decay).append(p)
@@ -242,7 +249,9 @@ class MACEPotential(Potential):
                 raise FileNotFoundError(f"from_mace_model: no such model file {path}")
             model = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"from_mace_model: expected a mace-torch module or a .model path, got {type(model).__name__}")
+            raise TypeError(
+                f"from_mace_model: expected a mace-torch module or a .model path, got {type(model).__name__}"
+            )
         hparams = mace_hparams(model)
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device

@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         from alflow.loop import LoopRun, read_state
 
         summary = LoopRun(config, read_state(config.run_dir), session=-1).summary()
-        print("the run already stopped; nothing to do (raise loop.max_iterations or loop.max_labels to continue)")
+        print(f"the run already stopped ({summary['status']}); nothing to do. Change the loop section "
+              "(max_iterations, max_labels, convergence_*) to continue it")
     elif args.no_prefect:
         import logging
 

@@ -125,6 +125,7 @@ def test_fps_excludes_candidates_near_the_dataset(tmp_path):
     dup.info[MAX_FORCE_DEVIATION] = 0.3
     sel = select_frames([dup], cfg(), [known])
     assert sel.frames == [] and sel.summary["n_duplicate"] == 1
+    assert select_frames([dup], cfg(), ds.hashes).summary["n_duplicate"] == 1
 
 
 def test_random_baseline_is_seeded_and_uses_the_budget():

@@ -104,7 +104,6 @@ def test_forces_and_stress_are_derivatives_of_the_energy(code, tmp_path):
 
 
 @pytest.mark.dft("gpaw")
-@pytest.mark.slow
 def test_gpaw_reference_energy_is_spin_polarised_and_cached(tmp_path):
     cfg = LabellingConfig(oracle="gpaw", parameters={"mode": {"name": "pw", "ecut": 250}}, timeout_s=900)
     e = reference_energies(cfg, ["Si"], cache_dir=tmp_path, box=6.0)
@@ -121,3 +120,17 @@ def test_gpaw_lcao_gives_no_stress(tmp_path):
     out = run_calculation(si2(), "gpaw", {"mode": "lcao", "basis": "sz(dzp)"}, tmp_path / "lcao", kpoint_density=0.5)
     assert out.status == "labelled", out.error
     assert out.result["stress"] is None and not out.result["stress_expected"]
+
+
+@pytest.mark.dft("chgnet")
+def test_chgnet_teacher_labels_are_marked_teacher(tmp_path):
+    from alflow.data import Dataset
+    from alflow.keys import REF_STRESS, SOURCE
+    from alflow.label import label_frames
+
+    res = label_frames([si2()], LabellingConfig(oracle="chgnet", timeout_s=600), tmp_path / "ds", tmp_path / "w",
+                       progress=False)
+    assert res.n_labelled == 1, (tmp_path / "w" / "failures.jsonl").read_text()
+    (got,) = Dataset(tmp_path / "ds").frames()
+    assert got.info[SOURCE] == "teacher" and got.info[SOURCE] != "dft"
+    assert np.isfinite(got.info["REF_energy"]) and got.info[REF_STRESS].shape == (6,)

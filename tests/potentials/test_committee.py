@@ -191,7 +191,8 @@ def test_members_must_agree(change, message):
 
 
 def test_stacked_parameters_follow_member_updates():
-    """An optimizer step or load_state_dict on a member is seen by the next (cached-stack) evaluation."""
+    """An optimizer step, an in-place buffer change or load_state_dict(assign=True) on a member is seen
+    by the next (cached-stack) evaluation."""
     committee = committee_of("schnet")
     batch = atoms_to_batch(structures(), committee.cutoff, dtype=torch.float64)
     before = committee(batch)[keys.ENERGIES].detach()
@@ -200,7 +201,9 @@ def test_stacked_parameters_follow_member_updates():
     compute_properties(member, batch, forces=False)[keys.ENERGY].sum().backward()
     opt.step()
     member.shift.add_(0.3)
-    committee.members[2].load_state_dict(committee.members[0].state_dict())
+    # assign=True replaces the Parameter objects themselves
+    state = {k: v.clone() for k, v in committee.members[0].state_dict().items()}
+    committee.members[2].load_state_dict(state, assign=True)
     after = committee(batch)[keys.ENERGIES].detach()
     assert torch.equal(after[0], before[0])
     assert_close(after[1], compute_properties(member, batch, forces=False)[keys.ENERGY].detach())

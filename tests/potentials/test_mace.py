@@ -143,7 +143,9 @@ def test_mace_sees_alflow_vectors_exactly(model: MACEPotential) -> None:
     data = model.mace_input(batch, species)
     vectors, _ = mace_utils.get_edge_vectors_and_lengths(data["positions"], data["edge_index"], data["shifts"])
     ei = batch[keys.EDGE_INDEX]
-    expected = edge_vectors(batch[keys.POSITIONS], batch[keys.CELL], ei[0], ei[1], batch[keys.SHIFTS], batch[keys.BATCH])
+    expected = edge_vectors(
+        batch[keys.POSITIONS], batch[keys.CELL], ei[0], ei[1], batch[keys.SHIFTS], batch[keys.BATCH]
+    )
     assert torch.equal(vectors, expected)
     assert not batch[keys.POSITIONS].requires_grad  # the caller's tensor is left alone
 
@@ -161,7 +163,8 @@ def test_stress_sign_is_ase_convention(model: MACEPotential) -> None:
             eps[b, a] += 0 if a == b else sign * h / 2
             strained = atoms.copy()
             strained.set_cell(atoms.cell.array @ eps, scale_atoms=True)
-            energies.append(model(atoms_to_batch(strained, CUTOFF, dtype=torch.float64), forces=False)[keys.ENERGY].item())
+            out = model(atoms_to_batch(strained, CUTOFF, dtype=torch.float64), forces=False)
+            energies.append(out[keys.ENERGY].item())
         numeric = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
         assert abs(float(stress[a, b]) - numeric) < 1e-7, (a, b)
 
@@ -347,5 +350,7 @@ def test_mace_run_train_model_through_alflow(tmp_path: Path) -> None:
     for candidate in (wrapped, loaded):
         out = candidate(atoms_to_batch(atoms, candidate.cutoff, dtype=torch.float64), stress=True)
         assert abs(out[keys.ENERGY].item() - energy) <= 1e-6 * abs(energy)
-        np.testing.assert_allclose(out[keys.FORCES].detach().numpy(), forces, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
-        np.testing.assert_allclose(out[keys.STRESS][0].detach().numpy(), stress, rtol=1e-6, atol=1e-6 * np.abs(stress).max())
+        np.testing.assert_allclose(out[keys.FORCES].detach().numpy(), forces,
+                                   rtol=1e-6, atol=1e-6 * np.abs(forces).max())
+        np.testing.assert_allclose(out[keys.STRESS][0].detach().numpy(), stress,
+                                   rtol=1e-6, atol=1e-6 * np.abs(stress).max())
