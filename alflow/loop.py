@@ -56,7 +56,7 @@ from alflow.config import ConfigError, LoopConfig, RunConfig, config_to_yaml, lo
 STATE, METRICS, CONFIG, LOCK = "state.json", "metrics.jsonl", "config.yaml", ".lock"
 STAGES = ("initial", "train", "explore", "select", "label")
 STOP_REASONS = ("converged", "max_iterations", "max_labels")
-RESUMABLE_CHANGES = ("loop", "execution")  # config sections that may change between sessions
+RESUMABLE_CHANGES = ("loop", "execution", "run_dir", "name")  # top-level keys that may change between sessions
 DONE_STATUS = "DONE"  # walker status of a walker that ran all its steps
 
 log = logging.getLogger("alflow.loop")
@@ -222,8 +222,8 @@ class LoopRun:
     def open(cls, config: RunConfig, *, force: bool = False, engine: str = "plain") -> Iterator[LoopRun]:
         """Lock ``config.run_dir``, check the config against the stored one, record a new session.
 
-        A config that differs outside ``loop`` and ``execution`` is an error
-        (ConfigError naming the keys) unless ``force``.
+        A config that differs outside ``name``, ``run_dir``, ``loop`` and ``execution`` is
+        an error (ConfigError naming the keys) unless ``force``.
         """
         run_dir = Path(config.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ class LoopRun:
                 if changed and not force:
                     raise ConfigError(
                         f"{run_dir}: the configuration differs from the one this run started with ({stored}) in: "
-                        f"{', '.join(changed)}. Only the loop and execution sections may change on a resume; "
+                        f"{', '.join(changed)}. Only name, run_dir, loop and execution may change on a resume; "
                         "use a new run_dir, or --force to continue anyway", errors=changed, path=stored)
             atomic_write_text(stored, f"# alflow run configuration '{config.name}' (all defaults resolved)\n"
                               + config_to_yaml(config))

@@ -25,7 +25,7 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML run configuration")
     parser.add_argument("--force", action="store_true",
-                        help="resume even though the configuration changed outside the loop/execution sections")
+                        help="resume even though the configuration changed outside name/run_dir/loop/execution")
     parser.add_argument("--no-prefect", action="store_true",
                         help="run the loop in this process without Prefect (same run directory and resume)")
     parser.add_argument("--progress", action="store_true", help="progress bars (with --no-prefect)")
