@@ -12,8 +12,8 @@ D = r_j - r_i + S @ cell (E, 3) in Å, and each atom's species index (N,)
     sigma  = (1/V) dE/d(eps),  eps a symmetric strain of cell and positions  (eV/Å³, ASE sign)
 
 so every architecture gets forces and stress by autograd, in one backward pass.
-An architecture that computes its own per-atom energies in eV (the MACE adapter)
-overrides :meth:`Potential.node_energies` instead.
+An architecture that adds terms outside the scale/shift (PhysNet's and AIMNet2's
+Coulomb energy) overrides :meth:`Potential.node_energies`.
 """
 
 from __future__ import annotations
