@@ -23,6 +23,11 @@ FRAME_HASH = "frame_hash"  # content hash used for deduplication
 # committee scores on ase.Atoms.info (explored frames)
 MAX_FORCE_DEVIATION = "max_force_deviation"  # eV/Å
 ENERGY_DEVIATION_PER_ATOM = "energy_deviation_per_atom"  # eV/atom
+PRED_ENERGY = "pred_energy"  # committee mean energy of an explored frame (eV), info
+PRED_FORCES = "pred_forces"  # committee mean forces of an explored frame (eV/Å), arrays
+FORCE_DEVIATION = "force_deviation"  # per-atom DP-GEN force deviation (eV/Å), arrays
+SELECTION_REASON = "selection_reason"  # why a frame was chosen for labelling, info
+REJECTION_REASON = "rejection_reason"  # why a frame was kept from labelling, info
 
 # keys of the batch dict a potential eats (dict[str, torch.Tensor])
 POSITIONS = "positions"  # (N, 3) Å

@@ -51,7 +51,13 @@ from typing import Any
 
 import numpy as np
 
-from alflow.config import ConfigError, LoopConfig, RunConfig, config_to_yaml, load_config
+from alflow.config import (
+    ConfigError,
+    LoopConfig,
+    RunConfig,
+    config_to_yaml,
+    load_config,
+)
 
 STATE, METRICS, CONFIG, LOCK = "state.json", "metrics.jsonl", "config.yaml", ".lock"
 STAGES = ("initial", "train", "explore", "select", "label")
@@ -233,7 +239,8 @@ class LoopRun:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise RunLockedError(f"{run_dir}: another alflow run (pid {holder}) is using this run directory") from None
+                raise RunLockedError(
+                    f"{run_dir}: another alflow run (pid {holder}) is using this run directory") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             changed: list[str] = []
@@ -347,7 +354,8 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
     i = 0
     while True:
         previous = run.result("train", i - 1) if i > 0 else None
-        init_from = run.path(previous["committee"]) if previous and cfg.training.warm_start else cfg.potential.checkpoint
+        warm = previous is not None and cfg.training.warm_start
+        init_from = run.path(previous["committee"]) if warm else cfg.potential.checkpoint
         train = run.run_stage("train", i, {"species": initial["species"], "init_from": init_from}, executor)
         say(f"iteration {i}: trained on {train['n_frames']} frames in {train['seconds']:.1f} s, "
             f"valid force RMSE {train['valid'].get('forces_rmse', float('nan')):.4f} eV/Å, alpha {train['alpha']:.3g}")
@@ -481,8 +489,9 @@ def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, in
         counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
     n = len(ds)
     if n < 2:
-        raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, {counts['n_labelled']} of "
-                         f"{counts['n_frames']} rattled frames labelled, failures in {out / 'failures.jsonl'}); "
+        raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, "
+                         f"{counts['n_labelled']} of {counts['n_frames']} rattled frames labelled, failures in "
+                         f"{out / 'failures.jsonl'}); "
                          "training needs at least 2: set system.initial_dataset or system.initial_rattle.n_frames")
     species = sorted({int(z) for s in structures for z in s.numbers} | {int(z) for a in ds.frames() for z in a.numbers})
     return {"n_imported": n_imported, "n_rattled": counts["n_frames"], "n_labelled": counts["n_labelled"],
@@ -500,10 +509,9 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     import potentials
     from alflow.committee import calibrate_committee
     from alflow.data import Dataset
+    from alflow.keys import FRAME_HASH
     from alflow.train import train_committee
     from potentials.committee import Committee
-
-    from alflow.keys import FRAME_HASH
 
     # sorted by content hash: the split and the model do not depend on the order labels arrived in
     frames = sorted(Dataset(run_dir / "dataset").frames(), key=lambda a: a.info[FRAME_HASH])
@@ -550,7 +558,12 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
     """Classify the explored frames and choose the ones to label (``alflow.select``)."""
     from alflow.data import Dataset
     from alflow.io import write_extxyz_atomic
-    from alflow.keys import ENERGY_DEVIATION_PER_ATOM, ITERATION, MAX_FORCE_DEVIATION, WALKER
+    from alflow.keys import (
+        ENERGY_DEVIATION_PER_ATOM,
+        ITERATION,
+        MAX_FORCE_DEVIATION,
+        WALKER,
+    )
     from alflow.select import load_scored, select_frames
 
     trajectories = load_scored([p for p in inputs["trajectories"] if Path(p).is_file()])
@@ -579,7 +592,15 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
 def prediction_errors(selected: list, dataset_frames: list) -> list[dict[str, Any]]:
     """Committee prediction vs label for each selected frame now labelled (eV/Å, eV/atom)."""
     from alflow.io import frame_hash
-    from alflow.keys import ENERGY_DEVIATION_PER_ATOM, FRAME_HASH, MAX_FORCE_DEVIATION, REF_ENERGY, REF_FORCES, STEP, WALKER
+    from alflow.keys import (
+        ENERGY_DEVIATION_PER_ATOM,
+        FRAME_HASH,
+        MAX_FORCE_DEVIATION,
+        REF_ENERGY,
+        REF_FORCES,
+        STEP,
+        WALKER,
+    )
 
     by_hash = {a.info[FRAME_HASH]: a for a in dataset_frames}
     rows = []
@@ -596,7 +617,8 @@ def prediction_errors(selected: list, dataset_frames: list) -> list[dict[str, An
             ENERGY_DEVIATION_PER_ATOM: finite(atoms.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)),
             "max_force_error": float(np.linalg.norm(diff, axis=1).max()),
             "force_rmse": float(np.sqrt(np.mean(diff**2))),
-            "energy_error_per_atom": None if pred_e is None else (float(pred_e) - float(ref.info[REF_ENERGY])) / len(atoms),
+            "energy_error_per_atom": None if pred_e is None
+            else (float(pred_e) - float(ref.info[REF_ENERGY])) / len(atoms),
             "sq_sum": float(np.sum(diff**2)), "n_components": int(diff.size),
         })
     return rows
@@ -615,7 +637,8 @@ def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
         counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
     if frames and counts["n_labelled"] == 0:
         raise StageError(f"iteration {iteration}: labelling failed for all {len(frames)} selected frames; see "
-                         f"{out / 'failures.jsonl'}. Fix the oracle and rerun (--force after a config change): failed frames are tried again")
+                         f"{out / 'failures.jsonl'}. Fix the oracle and rerun (--force after a config change): "
+                         "failed frames are tried again")
     errors = prediction_errors(frames, ds.frames()) if frames else []
     atomic_write_text(out / "errors.json", _json(errors))
     n_comp = sum(e["n_components"] for e in errors)

@@ -37,7 +37,8 @@ FIGURES = {
     "uncertainty_histograms": "Max force deviation of the explored frames",
     "walker_status": "Walker stop statuses",
 }
-STATUS_COLOURS = {"DONE": "#4c9f70", "UNCERTAIN": "#e0a030", "EXPLODED": "#c8553d", "ERROR": "#6c6c6c", "TIMEOUT": "#8e6cbf"}
+STATUS_COLOURS = {"DONE": "#4c9f70", "UNCERTAIN": "#e0a030", "EXPLODED": "#c8553d", "ERROR": "#6c6c6c",
+                  "TIMEOUT": "#8e6cbf"}
 
 
 def _iterations(state: dict[str, Any], name: str) -> list[tuple[int, dict[str, Any]]]:
@@ -108,7 +109,7 @@ def plot_uncertainty_vs_error(errors: dict[int, list[dict[str, Any]]], lower: fl
         return None
     fig = _figure()
     ax = fig.add_subplot()
-    for colour, (i, p) in zip(_colours(len(pairs)), sorted(pairs.items())):
+    for colour, (i, p) in zip(_colours(len(pairs)), sorted(pairs.items()), strict=True):
         ax.scatter([a for a, _ in p], [b for _, b in p], color=colour, s=18, label=f"iteration {i}")
     values = np.array([v for p in pairs.values() for pair in p for v in pair])
     lo, hi = values.min() / 2, values.max() * 2
@@ -139,7 +140,7 @@ def plot_uncertainty_histograms(scores: dict[int, list[float]], lower: float, up
     bins = np.geomspace(lo, hi, 40)
     fig = _figure()
     ax = fig.add_subplot()
-    for colour, (i, v) in zip(_colours(len(data)), sorted(data.items())):
+    for colour, (i, v) in zip(_colours(len(data)), sorted(data.items()), strict=True):
         ax.hist(v, bins=bins, histtype="step", lw=1.5, color=colour, label=f"iteration {i} ({v.size} frames)")
     for level, name in ((lower, "lower"), (upper, "upper")):
         ax.axvline(level, color="grey", lw=0.8, ls="--")
@@ -224,7 +225,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     selection = config.get("selection", {})
     lower, upper = float(selection.get("lower", 0.05)), float(selection.get("upper", 0.5))
     errors, scores, statuses = {}, {}, {}
-    for i, res in _iterations(state, "label"):
+    for i, _res in _iterations(state, "label"):
         errors[i] = _read_json(run_dir / f"iter_{i:03d}" / "label" / "errors.json", [])
     for i, _res in _iterations(state, "select"):
         scores[i] = _read_json(run_dir / f"iter_{i:03d}" / "select" / "scores.json", {}).get(MAX_FORCE_DEVIATION, [])
@@ -283,7 +284,8 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     for name, fig_title in FIGURES.items():
         if name in pngs:
             b64 = base64.b64encode(pngs[name]).decode()
-            parts += [f"<h2>{html.escape(fig_title)}</h2>", f"<img alt='{html.escape(fig_title)}' src='data:image/png;base64,{b64}'>"]
+            parts += [f"<h2>{html.escape(fig_title)}</h2>",
+                      f"<img alt='{html.escape(fig_title)}' src='data:image/png;base64,{b64}'>"]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right}"
              "table.summary th,table.summary td{text-align:left}img{max-width:100%}")

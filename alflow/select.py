@@ -18,7 +18,8 @@ Strategy "committee" (SelectionConfig), in this order:
    become candidates.
 3. Frames already in the dataset (same content hash) are dropped; physical
    filters reject (with the reason): minimum interatomic distance
-   (``min_interatomic_distance``), predicted max |F| (committee mean forces in
+   (max of ``min_interatomic_distance`` and ``covalent_fraction`` x the sum of
+   the two covalent radii), predicted max |F| (committee mean forces in
    ``arrays`` or calculator results, when present) above ``max_force``, cell
    sanity for 3D-periodic frames (volume per atom in ``volume_per_atom`` Å³,
    every cell angle within ``cell_angles`` degrees).
@@ -58,22 +59,22 @@ from typing import Any
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.data import chemical_symbols
+from ase.data import chemical_symbols, covalent_radii
 
 from alflow.config import SelectionConfig
 from alflow.io import frame_hash
-from alflow.keys import ENERGY_DEVIATION_PER_ATOM, FRAME_HASH, MAX_FORCE_DEVIATION, STEP, WALKER
+from alflow.keys import (ENERGY_DEVIATION_PER_ATOM, FRAME_HASH, MAX_FORCE_DEVIATION, PRED_FORCES, REJECTION_REASON,
+                         SELECTION_REASON, STEP, WALKER)
 from alflow.neighbors import neighbor_list
 
 __all__ = ["Selection", "select_frames", "structure_descriptors", "physical_rejection", "load_scored", "classify"]
 
-SELECTION_REASON = "selection_reason"
-REJECTION_REASON = "rejection_reason"
 SELECTION_SCORE = "selection_score"
-PREDICTED_FORCES_KEYS = ("committee_mean_forces", "mean_forces", "forces")  # arrays keys, first found wins
+PREDICTED_FORCES_KEYS = (PRED_FORCES, "committee_mean_forces", "mean_forces", "forces")  # arrays keys, first found wins
 DESCRIPTOR_CUTOFF = 5.0  # Å
 DESCRIPTOR_GRID = np.linspace(0.5, DESCRIPTOR_CUTOFF, 19)  # Å, Gaussian centres
 DESCRIPTOR_SIGMA = 0.25  # Å
+COVALENT_FRACTION = 0.5  # pairs closer than this fraction of their covalent radii sum are rejected
 DATASET_DISTANCE = 2e-4  # default exclusion radius in descriptor space: near-duplicates (docs/labelling.md)
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
 
@@ -167,8 +168,13 @@ def physical_rejection(
     cfg: SelectionConfig,
     volume_per_atom: tuple[float, float] = (1.0, 500.0),
     cell_angles: tuple[float, float] = (20.0, 160.0),
+    covalent_fraction: float = COVALENT_FRACTION,
 ) -> str | None:
-    """Why ``atoms`` must not be sent to the oracle, or None when it passes the physical filters."""
+    """Why ``atoms`` must not be sent to the oracle, or None when it passes the physical filters.
+
+    A pair is too close below max(``min_interatomic_distance``, ``covalent_fraction`` x
+    (r_cov,i + r_cov,j)) (ASE covalent radii; e.g. Si-Si 1.11 Å, Cu-Cu 1.32 Å, H-H 0.31 Å at 0.5).
+    """
     if not np.all(np.isfinite(atoms.positions)) or not np.all(np.isfinite(np.asarray(atoms.cell))):
         return "non_finite: positions or cell contain NaN/inf"
     pbc = np.asarray(atoms.pbc, dtype=bool)
@@ -181,14 +187,20 @@ def physical_rejection(
         angles = _cell_angles(cell)
         if np.any(angles < cell_angles[0]) or np.any(angles > cell_angles[1]):
             return f"cell_angles: {np.round(angles, 1).tolist()} deg outside [{cell_angles[0]:g}, {cell_angles[1]:g}]"
+    radii = covalent_radii[atoms.numbers] * covalent_fraction
+    reach = max(cfg.min_interatomic_distance, 2.0 * float(radii.max()))
     try:
-        nl = neighbor_list(atoms.positions, cell, pbc, cfg.min_interatomic_distance)
+        nl = neighbor_list(atoms.positions, cell, pbc, reach)
     except ValueError as err:
         return f"cell: {err}"
     if len(nl):
-        k = int(np.argmin(nl.d))
-        return (f"min_distance: {float(nl.d[k]):.3f} Å between atoms {int(nl.i[k])} and {int(nl.j[k])} "
-                f"< {cfg.min_interatomic_distance:g} Å")
+        limit = np.maximum(cfg.min_interatomic_distance, radii[nl.i] + radii[nl.j])
+        bad = np.flatnonzero(nl.d < limit)
+        if len(bad):
+            k = int(bad[np.argmin(nl.d[bad] / limit[bad])])
+            return (f"min_distance: {float(nl.d[k]):.3f} Å between atoms {int(nl.i[k])} and {int(nl.j[k])} "
+                    f"< {float(limit[k]):.3g} Å (max of {cfg.min_interatomic_distance:g} Å and "
+                    f"{covalent_fraction:g} x the covalent radii sum)")
     forces = _predicted_forces(atoms)
     if forces is not None and forces.shape == (len(atoms), 3):
         fmax = float(np.max(np.linalg.norm(forces, axis=1))) if np.all(np.isfinite(forces)) else math.inf
@@ -281,6 +293,7 @@ def select_frames(
     dataset_distance: float = DATASET_DISTANCE,
     volume_per_atom: tuple[float, float] = (1.0, 500.0),
     cell_angles: tuple[float, float] = (20.0, 160.0),
+    covalent_fraction: float = COVALENT_FRACTION,
 ) -> Selection:
     """Choose frames to label (module docstring). ``dataset``: a ``Dataset``, a list of frames, a set of
     content hashes (``Dataset.hashes``; exact duplicates only), or None.
@@ -331,7 +344,7 @@ def select_frames(
             n_duplicate += 1
             continue
         seen.add(h)
-        why = physical_rejection(items[k][0], cfg, volume_per_atom, cell_angles)
+        why = physical_rejection(items[k][0], cfg, volume_per_atom, cell_angles, covalent_fraction)
         if why is not None:
             per_walker[items[k][1]]["filtered"] += 1
             reject(k, why)

@@ -134,9 +134,14 @@ def main() -> None:
         n_fail = sum(not v.startswith("labelled") for v in outcomes.values())
         fail_rows.append(f"| {oracle} | {n_fail}/{len(outcomes)} | " + "; ".join(f"{k}: {v}" for k, v in outcomes.items()) + " |")
         print(fail_rows[-1], flush=True)
+    from alflow.config import SelectionConfig
+    from alflow.select import physical_rejection
+
+    filters = [f"| {name} | {physical_rejection(atoms, SelectionConfig()) or 'passes'} |"
+               for name, atoms in hard_frames().items()]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
-    print(f"\n### Oracle cost ({date}, {machine}, 1 thread per calculation, k-point density {KDENSITY} Å)\n")
+    print(f"\n### Oracle cost ({date}, {machine}, 1 thread per calculation, k-point density {KDENSITY} per Å⁻¹)\n")
     print("| oracle | cell | wall s/label (median) | compute s | k-points | status |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
@@ -145,6 +150,10 @@ def main() -> None:
         print("| oracle | failed | per frame |")
         print("|---|---|---|")
         print("\n".join(fail_rows))
+    print("\n### What alflow's physical filters (SelectionConfig defaults) say about the hard frames\n")
+    print("| frame | filter |")
+    print("|---|---|")
+    print("\n".join(filters))
 
 
 if __name__ == "__main__":

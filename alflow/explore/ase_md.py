@@ -164,14 +164,14 @@ def scored_frame(atoms: Atoms, scores: dict[str, Any], step: int, walker: str, t
     frame.info.update({
         keys.MAX_FORCE_DEVIATION: float(scores[keys.MAX_FORCE_DEVIATION]),
         keys.ENERGY_DEVIATION_PER_ATOM: float(scores[keys.ENERGY_DEVIATION_PER_ATOM]),
-        "pred_energy": float(scores["energy"]),
+        keys.PRED_ENERGY: float(scores["energy"]),
         keys.STEP: int(step),
         keys.WALKER: str(walker),
         keys.SOURCE: "md",
         "temperature_K": float(temperature),
     })
-    frame.arrays["pred_forces"] = np.asarray(scores["forces"], dtype=float)
-    frame.arrays["force_deviation"] = np.asarray(scores["force_deviation"], dtype=float)
+    frame.arrays[keys.PRED_FORCES] = np.asarray(scores["forces"], dtype=float)
+    frame.arrays[keys.FORCE_DEVIATION] = np.asarray(scores["force_deviation"], dtype=float)
     return frame
 
 

@@ -262,13 +262,13 @@ def parse_run(run_dir: str | Path, spec: IPIRunSpec) -> list[Atoms]:
         out.info.update({
             keys.MAX_FORCE_DEVIATION: float(s[keys.MAX_FORCE_DEVIATION]),
             keys.ENERGY_DEVIATION_PER_ATOM: float(s[keys.ENERGY_DEVIATION_PER_ATOM]),
-            "pred_energy": float(energies.mean()),
+            keys.PRED_ENERGY: float(energies.mean()),
             keys.STEP: step,
             keys.WALKER: spec.name,
             keys.SOURCE: "ipi",
             "temperature_K": spec.temperature,
         })
-        out.arrays["pred_forces"] = forces_comm.mean(axis=0)
-        out.arrays["force_deviation"] = np.asarray(s["force_deviation"])
+        out.arrays[keys.PRED_FORCES] = forces_comm.mean(axis=0)
+        out.arrays[keys.FORCE_DEVIATION] = np.asarray(s["force_deviation"])
         frames.append(out)
     return frames

@@ -152,8 +152,8 @@ def test_a_failed_labelling_stage_retries_its_frames_in_the_next_session(tmp_pat
     with pytest.raises(StageError):  # same session semantics: finally failed frames are not tried again
         with LoopRun.open(broken) as run:
             run.run_stage("initial", None, {"retry_failed": False})
-    fixed = config_from_dict(tiny_config(run_dir, system={"initial_rattle": {"n_frames": 2}},
-                                         labelling={**flaky, "parameters": {**flaky["parameters"], "mixing_beta": 0.1}}))
+    working = {**flaky, "parameters": {**flaky["parameters"], "mixing_beta": 0.1}}
+    fixed = config_from_dict(tiny_config(run_dir, system={"initial_rattle": {"n_frames": 2}}, labelling=working))
     with pytest.raises(ConfigError, match="labelling.parameters.mixing_beta"):
         run_loop(fixed)
     with LoopRun.open(fixed, force=True) as run:  # what drive() passes: the stage failed in an earlier session

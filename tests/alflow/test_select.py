@@ -157,15 +157,19 @@ def test_physical_filters_reject_with_reasons():
     sparse.set_cell(sparse.cell * 7, scale_atoms=True)  # 4 atoms in 16000 Å³
     skewed = frame(0.2, step=4, seed=4)
     skewed.set_cell([[3.61, 0, 0], [3.55, 0.4, 0], [0, 0, 3.61]], scale_atoms=True)
-    sel = select_frames([good, close, forceful, sparse, skewed], cfg())
+    squeezed = frame(0.2, step=5, seed=5)  # 1.0 Å > 0.6 Å, but < 0.5 x (1.32 + 1.32) Å for Cu-Cu
+    squeezed.positions[1] = squeezed.positions[0] + [0.0, 1.0, 0.0]
+    sel = select_frames([good, close, forceful, sparse, skewed, squeezed], cfg())
     assert [a.info["step"] for a in sel.frames] == [0]
     reasons = {a.info["step"]: a.info[REJECTION_REASON] for a in sel.rejected}
     assert reasons[1].startswith("min_distance") and "0.500 Å" in reasons[1]
+    assert reasons[5].startswith("min_distance") and "1.000 Å" in reasons[5] and "< 1.32 Å" in reasons[5]
     assert reasons[2].startswith("max_force")
     assert reasons[3].startswith("cell_volume")
     assert reasons[4].startswith("cell_angles")
-    assert sel.summary["n_filtered"] == 4 and sel.summary["rejections"]["min_distance"] == 1
+    assert sel.summary["n_filtered"] == 5 and sel.summary["rejections"]["min_distance"] == 2
     assert physical_rejection(good, cfg()) is None
+    assert physical_rejection(squeezed, cfg(), covalent_fraction=0.3) is None  # absolute 0.6 Å floor only
     nan = good.copy()
     nan.positions[0, 0] = np.nan
     assert physical_rejection(nan, cfg()).startswith("non_finite")
