@@ -9,7 +9,7 @@ Run directory (``config.run_dir``)::
     initial/           rattled.extxyz, labelling scratch/, failures.jsonl, labelled.jsonl
     iter_000/train/    committee.pt, metrics.json, member_<k>/
     iter_000/explore/  one scored extxyz per walker, walkers.json
-    iter_000/select/   selected.extxyz, summary.json, scores.json
+    iter_000/select/   selected.extxyz, predictions.extxyz, summary.json, scores.json
     iter_000/label/    scratch/, failures.jsonl, labelled.jsonl, errors.json
     report.md, report.html, report/*.png     (alflow.report)
 
@@ -375,6 +375,7 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
             say(f"stopped after iteration {i}: {reason}; final model {run.path(train['committee'])}")
             return run.summary()
         label = run.run_stage("label", i, {"selected": run.path(select["selected"]),
+                                           "predictions": run.path(select.get("predictions")),
                                            "retry_failed": run.failed_before("label", i)}, executor)
         labels_total += label["n_labelled"]
         row = iteration_row(i, train, explore, select, label, labels_total - label["n_labelled"], cfg.loop)
@@ -557,11 +558,12 @@ def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: d
 def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
     """Classify the explored frames and choose the ones to label (``alflow.select``)."""
     from alflow.data import Dataset
-    from alflow.io import write_extxyz_atomic
+    from alflow.io import frame_hash, write_extxyz_atomic
     from alflow.keys import (
         ENERGY_DEVIATION_PER_ATOM,
         ITERATION,
         MAX_FORCE_DEVIATION,
+        PRED_FORCES,
         WALKER,
     )
     from alflow.select import load_scored, select_frames
@@ -572,11 +574,18 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
             atoms.info[ITERATION] = iteration
     selection = select_frames(trajectories, cfg.selection, Dataset(run_dir / "dataset"), seed=cfg.seed + iteration,
                               budget=inputs["budget"])
-    selected = None
+    selected = predictions = None
+    frames = [a for t in trajectories for a in t]
     if selection.frames:
         write_extxyz_atomic(selection.frames, out / "selected.extxyz")
         selected = _rel(out / "selected.extxyz", run_dir)
-    frames = [a for t in trajectories for a in t]
+        # the committee's predictions for the selected frames (selected.extxyz carries none, so that no
+        # prediction is ever read back as a label): the label stage measures the true errors with them
+        explored = {frame_hash(a): a for a in frames if PRED_FORCES in a.arrays}
+        predicted = [explored[h] for h in (frame_hash(a) for a in selection.frames) if h in explored]
+        if predicted:
+            write_extxyz_atomic(predicted, out / "predictions.extxyz")
+            predictions = _rel(out / "predictions.extxyz", run_dir)
     scores = {"lower": cfg.selection.lower, "upper": cfg.selection.upper,
               MAX_FORCE_DEVIATION: [float(a.info.get(MAX_FORCE_DEVIATION, np.nan)) for a in frames],
               ENERGY_DEVIATION_PER_ATOM: [float(a.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)) for a in frames],
@@ -586,16 +595,19 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
     s = selection.summary
     return {"n_frames": s["n_frames"], "n_accurate": s["n_accurate"], "n_candidate": s["n_candidate"],
             "n_failed": s["n_failed"], "n_selected": s["n_selected"], "adaptive": s["adaptive"],
-            "budget": s["budget"], "rejections": s["rejections"], "selected": selected}
+            "budget": s["budget"], "rejections": s["rejections"], "selected": selected, "predictions": predictions}
 
 
-def prediction_errors(selected: list, dataset_frames: list) -> list[dict[str, Any]]:
-    """Committee prediction vs label for each selected frame now labelled (eV/Å, eV/atom)."""
+def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, Any]]:
+    """Committee prediction (``arrays[PRED_FORCES]``, ``info[PRED_ENERGY]``) vs label for each frame now
+    in the dataset (eV/Å, eV/atom)."""
     from alflow.io import frame_hash
     from alflow.keys import (
         ENERGY_DEVIATION_PER_ATOM,
         FRAME_HASH,
         MAX_FORCE_DEVIATION,
+        PRED_ENERGY,
+        PRED_FORCES,
         REF_ENERGY,
         REF_FORCES,
         STEP,
@@ -604,13 +616,13 @@ def prediction_errors(selected: list, dataset_frames: list) -> list[dict[str, An
 
     by_hash = {a.info[FRAME_HASH]: a for a in dataset_frames}
     rows = []
-    for atoms in selected:
+    for atoms in predicted:
         h = frame_hash(atoms)
         ref = by_hash.get(h)
-        if ref is None or "pred_forces" not in atoms.arrays:
+        if ref is None or PRED_FORCES not in atoms.arrays:
             continue
-        diff = np.asarray(atoms.arrays["pred_forces"], float) - np.asarray(ref.arrays[REF_FORCES], float)
-        pred_e = atoms.info.get("pred_energy")
+        diff = np.asarray(atoms.arrays[PRED_FORCES], float) - np.asarray(ref.arrays[REF_FORCES], float)
+        pred_e = atoms.info.get(PRED_ENERGY)
         rows.append({
             "frame_hash": h, "walker": str(atoms.info.get(WALKER, "")), "step": int(atoms.info.get(STEP, -1)),
             MAX_FORCE_DEVIATION: finite(atoms.info.get(MAX_FORCE_DEVIATION, np.nan)),
@@ -639,7 +651,9 @@ def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
         raise StageError(f"iteration {iteration}: labelling failed for all {len(frames)} selected frames; see "
                          f"{out / 'failures.jsonl'}. Fix the oracle and rerun (--force after a config change): "
                          "failed frames are tried again")
-    errors = prediction_errors(frames, ds.frames()) if frames else []
+    predicted = inputs.get("predictions")
+    predicted = ase.io.read(predicted, index=":", format="extxyz") if predicted and Path(predicted).is_file() else []
+    errors = prediction_errors(predicted, ds.frames()) if predicted else []
     atomic_write_text(out / "errors.json", _json(errors))
     n_comp = sum(e["n_components"] for e in errors)
     return {**counts, "dataset_size": len(ds),

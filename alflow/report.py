@@ -165,7 +165,10 @@ def plot_walker_status(statuses: dict[int, dict[str, int]]) -> bytes | None:
         counts = np.array([statuses[i].get(name, 0) for i in its], dtype=float)
         ax.bar(its, counts, bottom=bottom, label=name, color=STATUS_COLOURS.get(name))
         bottom += counts
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xticks(its)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("walkers")
     ax.legend(fontsize=8)

@@ -345,6 +345,7 @@ def _fit(
     finally:
         bar.close()
     model.load_state_dict(best_state)
+    model.eval()
     seconds = time.perf_counter() - start
     metrics = {}
     for name, idx in (("train", train_idx), ("valid", valid_idx), ("test", test_idx)):
@@ -397,7 +398,7 @@ def train_potential(
     ``dtype`` (e.g. ``"float64"``) converts the model first; otherwise its own dtype
     is used. With ``out_dir``: ``best.pt`` (best EMA weights, ``potentials.save``) and
     ``metrics.json`` (the result, units in ``UNITS``). On return the model holds the
-    best weights, on ``device``.
+    best weights, on ``device``, in eval mode.
     """
     if hasattr(model, "members"):
         raise TypeError("train_potential: got a committee; use train_committee to train its members")

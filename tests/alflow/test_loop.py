@@ -77,7 +77,8 @@ def test_two_iterations_end_to_end_then_replay_and_continue(tmp_path):
         assert r["accurate_fraction"] + r["candidate_fraction"] + r["failed_fraction"] == pytest.approx(1.0)
         assert r["n_selected"] == 2 and r["valid_forces_rmse"] > 0
     for rel in ("iter_000/train/committee.pt", "iter_000/train/metrics.json", "iter_000/explore/walkers.json",
-                "iter_000/select/selected.extxyz", "iter_000/select/summary.json", "iter_000/label/errors.json",
+                "iter_000/select/selected.extxyz", "iter_000/select/predictions.extxyz", "iter_000/select/summary.json",
+                "iter_000/label/errors.json",
                 "initial/rattled.extxyz", "config.yaml"):
         assert (run_dir / rel).is_file(), rel
     errors = json.loads((run_dir / "iter_000/label/errors.json").read_text())
