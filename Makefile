@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 
 example: setup
 	$(VENV)/bin/alflow validate examples/cu_emt/config.yaml
-	$(PY) examples/cu_emt/run.py
+	$(VENV)/bin/alflow run examples/cu_emt/config.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
