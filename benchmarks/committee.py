@@ -1,5 +1,8 @@
 """Committee evaluation cost: one batched (vmapped) committee of K vs K sequential calls vs one model.
 
+Also times the committee's sequential path (``vectorize=False``, the CPU default), i.e.
+the K member calls plus the scores.
+
     python benchmarks/committee.py [--repeats 7] [--sizes 108 500 2048] [--archs schnet painn] [--threads 2]
 
 K = 4 members with default hyperparameters (SchNet: 64 features, 64 filters, 3
@@ -54,6 +57,7 @@ def cu_batch(n_atoms: int) -> dict[str, torch.Tensor]:
 
 def run(arch: str, sizes: list[int], repeats: int) -> list[str]:
     committee = Committee.build(arch, K, ["Cu"], CUTOFF, seed=0).float().eval()
+    committee.vectorize = True  # the batched vmap pass (the CPU default, "auto", is the loop)
     looped = Committee(list(committee.members), vectorize=False).eval()  # same members, sequential path
     one = committee.members[0]
     rows = []

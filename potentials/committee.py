@@ -17,7 +17,8 @@ population statistics (ddof = 0) scaled by the calibration factor α: ``energy_v
 
 An architecture whose per-atom energies cannot be vmapped (data-dependent Python
 control flow, ``.item()``, in-place writes into unbatched tensors, ...) falls back to
-K sequential member calls, with one warning.
+K sequential member calls, with one warning. On the CPU the sequential path is the
+default (``vectorize="auto"``): it measured as fast or faster there (see Committee).
 """
 
 from __future__ import annotations
@@ -87,10 +88,16 @@ def _check_members(members: Sequence[Potential]) -> None:
 class Committee(nn.Module):
     """K potentials of one architecture, species, cutoff and hyperparameters; α calibrates the spread.
 
-    ``vectorize=False`` forces the sequential path (K member calls), e.g. for debugging.
+    ``vectorize``: True — the batched vmap pass; False — K sequential member calls; "auto"
+    (default) — vmap on an accelerator, sequential on the CPU, where it measured faster
+    (the K-fold larger tensors of the batched pass fall out of cache and vmap's batched
+    elementwise/bmm kernels are slower than the per-member ones; ``benchmarks/committee.py``).
+    Both paths give the same numbers (to float rounding).
     """
 
-    def __init__(self, members: Sequence[Potential], alpha: float = 1.0, *, vectorize: bool = True) -> None:
+    def __init__(
+        self, members: Sequence[Potential], alpha: float = 1.0, *, vectorize: bool | str = "auto"
+    ) -> None:
         super().__init__()
         _check_members(members)
         self.members = nn.ModuleList(members)
@@ -103,7 +110,9 @@ class Committee(nn.Module):
         dtype = next((p.dtype for p in ref.parameters() if p.is_floating_point()), torch.get_default_dtype())
         self.register_buffer("alpha", torch.tensor(1.0, dtype=dtype, device=ref.e0.device))
         self.set_alpha(alpha)
-        self.vectorize = bool(vectorize)
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize: expected True, False or 'auto', got {vectorize!r}")
+        self.vectorize = vectorize
         self._vmap_error: str | None = None  # set once vmap has failed for this architecture
         self._stack_key: tuple | None = None
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
@@ -118,8 +127,12 @@ class Committee(nn.Module):
 
     @property
     def vectorized(self) -> bool:
-        """Whether forward uses the vmapped path (False once vmap has failed for this architecture)."""
-        return self.vectorize and self._vmap_error is None
+        """Whether forward uses the vmapped path now (never once vmap has failed for this architecture)."""
+        if self._vmap_error is not None:
+            return False
+        if self.vectorize == "auto":
+            return self.alpha.device.type != "cpu"
+        return bool(self.vectorize)
 
     def set_alpha(self, alpha: float) -> None:
         """Set the calibration factor α > 0 (variances scale by α², deviations by α)."""

@@ -76,7 +76,7 @@ def committee_of(arch: str, k: int = 3) -> Committee:
         m.e0.copy_(torch.linspace(-1.0, -2.0, len(m.species), dtype=m.e0.dtype) * (1 + 0.1 * s))
         m.scale.fill_(1.0 + 0.2 * s)
         m.shift.fill_(0.05 * s)
-    return Committee(members)
+    return Committee(members, vectorize=True)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> None:
@@ -233,7 +233,7 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 
 def test_sequential_fallback_warns_once_and_is_exact():
-    committee = Committee(pair_members(item_check=True))
+    committee = Committee(pair_members(item_check=True), vectorize=True)
     batch = atoms_to_batch(structures(), 4.0, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match=r"vmap cannot evaluate architecture 'pair_mlp'.*\.item\(\)"):
         out = committee(batch, stress=True)
@@ -241,7 +241,7 @@ def test_sequential_fallback_warns_once_and_is_exact():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         committee(batch)
-    vectorized = Committee(pair_members(item_check=False))
+    vectorized = Committee(pair_members(item_check=False), vectorize=True)
     ref = vectorized(batch, stress=True)
     assert vectorized.vectorized
     for key in (keys.ENERGIES, keys.FORCES_COMM, keys.STRESS_COMM):
@@ -250,7 +250,7 @@ def test_sequential_fallback_warns_once_and_is_exact():
 
 def test_real_errors_are_not_swallowed_by_the_fallback():
     """An error the members raise themselves (here: overlapping atoms) propagates and leaves vmap enabled."""
-    committee = Committee(pair_members(item_check=True))
+    committee = Committee(pair_members(item_check=True), vectorize=True)
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.positions[1] = atoms.positions[0] + 0.01
     with pytest.raises(ValueError, match="atoms overlap"):
@@ -258,8 +258,24 @@ def test_real_errors_are_not_swallowed_by_the_fallback():
     assert committee._vmap_error is None
 
 
-def test_unknown_element_is_named():
-    committee = Committee(pair_members(species=("Cu",)))
+def test_vectorize_auto_loops_on_cpu_and_both_paths_agree():
+    members = pair_members()
+    auto, looped = Committee(members), Committee(members, vectorize=False)
+    assert auto.vectorize == "auto" and not auto.vectorized  # CPU: the sequential path
+    assert Committee(members, vectorize=True).vectorized
+    batch = atoms_to_batch(structures(), 4.0, dtype=torch.float64)
+    ref = Committee(members, vectorize=True)(batch, stress=True)
+    for committee in (auto, looped):
+        out = committee(batch, stress=True)
+        for key in (keys.ENERGIES, keys.FORCES_COMM, keys.STRESS_COMM, keys.MAX_FORCE_DEVIATION):
+            assert_close(out[key], ref[key])
+    with pytest.raises(ValueError, match="vectorize"):
+        Committee(members, vectorize="yes")
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_unknown_element_is_named(vectorize):
+    committee = Committee(pair_members(species=("Cu",)), vectorize=vectorize)
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.numbers[2] = 79
     with pytest.raises(UnknownElementError, match=r"Au \(Z=79\)"):
@@ -281,8 +297,10 @@ def test_energy_only_and_no_grad():
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     committee = committee_of("schnet")
+    committee.vectorize = "auto"  # on CUDA: the vmapped path
     frames = structures()
     cpu = committee(atoms_to_batch(frames, committee.cutoff, dtype=torch.float64), stress=True)
     gpu = committee.to("cuda")(atoms_to_batch(frames, committee.cutoff, dtype=torch.float64, device="cuda"), stress=True)
+    assert committee.vectorized
     for key in (keys.ENERGIES, keys.FORCES_COMM, keys.STRESS_COMM):
         assert_close(gpu[key].cpu(), cpu[key], rel=1e-9)
