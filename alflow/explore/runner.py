@@ -40,18 +40,24 @@ def system_structures(system: SystemConfig) -> list[Atoms]:
     return out
 
 
-def walker_specs(config: RunConfig, structures: list[Atoms], iteration: int = 0) -> list[WalkerSpec]:
-    """One spec per walker and replica; seeds derive from the run seed, iteration and index."""
-    specs: list[WalkerSpec] = []
+def walker_starts(config: RunConfig, structures: list[Atoms], iteration: int = 0) -> list[tuple[WalkerConfig, Atoms, int, str]]:
+    """(walker config, start structure, seed, name) per walker and replica; seeds derive from the run seed,
+    iteration and index."""
+    starts: list[tuple[WalkerConfig, Atoms, int, str]] = []
     for index, walker in enumerate(config.exploration.walkers):
         for replica in range(walker.replicas):
-            seed = walker.seed if walker.seed is not None else config.seed * 100_003 + iteration * 1_009 + len(specs)
+            seed = walker.seed if walker.seed is not None else config.seed * 100_003 + iteration * 1_009 + len(starts)
             rng = np.random.default_rng(seed)
-            base = structures[len(specs) % len(structures)]
+            base = structures[len(starts) % len(structures)]
             atoms = starting_structure(base, walker.start, rng, rattle_stdev=walker.rattle_stdev, strain=walker.strain,
                                        miller=walker.miller, vacuum=walker.vacuum)
-            specs.append(_spec(walker, atoms, seed, f"w{index:02d}r{replica:02d}-{walker.ensemble}"))
-    return specs
+            starts.append((walker, atoms, seed, f"w{index:02d}r{replica:02d}-{walker.ensemble}"))
+    return starts
+
+
+def walker_specs(config: RunConfig, structures: list[Atoms], iteration: int = 0) -> list[WalkerSpec]:
+    """ASE walker specs, one per walker and replica (see :func:`walker_starts`)."""
+    return [_spec(walker, atoms, seed, name) for walker, atoms, seed, name in walker_starts(config, structures, iteration)]
 
 
 def _spec(walker: WalkerConfig, atoms: Atoms, seed: int, name: str) -> WalkerSpec:
@@ -65,11 +71,11 @@ def explore(config: RunConfig, model_path: str | Path, out_dir: str | Path, *, i
     """Run the configured walkers with the committee in ``model_path``; returns one result dict per walker."""
     out_dir = Path(out_dir)
     structures = structures or system_structures(config.system)
-    specs = walker_specs(config, structures, iteration)
     device = device or config.execution.device
     if config.exploration.engine == "ase":
         import potentials
 
+        specs = walker_specs(config, structures, iteration)
         model = potentials.load(model_path, device=None if device == "auto" else device)
         results = run_walkers(specs, model, out_dir, upper=config.selection.upper,
                               patience=config.exploration.uncertain_patience,
@@ -77,14 +83,12 @@ def explore(config: RunConfig, model_path: str | Path, out_dir: str | Path, *, i
         return [asdict(r) for r in results]
     from alflow.explore.ipi import IPIRunSpec, run_ipi
 
-    walkers = [w for w in config.exploration.walkers for _ in range(w.replicas)]
     results = []
-    for spec, walker in zip(specs, walkers):
-        ipi_spec = IPIRunSpec(atoms=spec.atoms, ensemble=walker.ensemble, temperature=float(np.ravel(walker.temperature)[0]),
+    for walker, atoms, seed, name in walker_starts(config, structures, iteration):
+        ipi_spec = IPIRunSpec(atoms=atoms, ensemble=walker.ensemble, temperature=float(np.ravel(walker.temperature)[0]),
                               pressure=None if walker.pressure is None else float(np.ravel(walker.pressure)[0]),
                               timestep=walker.timestep, steps=walker.steps, stride=walker.stride, nbeads=walker.nbeads,
-                              seed=spec.seed, name=spec.name)
-        result = run_ipi(ipi_spec, model_path, out_dir / spec.name, device=device)
-        results.append(asdict(result))
+                              seed=seed, name=name)
+        results.append(asdict(run_ipi(ipi_spec, model_path, out_dir / name, device=device)))
     (out_dir / "walkers.json").write_text(json.dumps(results, indent=1))
     return results
