@@ -17,8 +17,8 @@ population statistics (ddof = 0) scaled by the calibration factor α: ``energy_v
 
 An architecture whose per-atom energies cannot be vmapped (data-dependent Python
 control flow, ``.item()``, in-place writes into unbatched tensors, ...) falls back to
-K sequential member calls, with one warning. On the CPU the sequential path is the
-default (``vectorize="auto"``): it measured as fast or faster there (see Committee).
+K sequential member calls, with one warning. A single-threaded CPU uses the sequential
+path by default (``vectorize="auto"``): it measured faster there (see Committee).
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ class Committee(nn.Module):
     """K potentials of one architecture, species, cutoff and hyperparameters; α calibrates the spread.
 
     ``vectorize``: True — the batched vmap pass; False — K sequential member calls; "auto"
-    (default) — vmap on an accelerator, sequential on the CPU, where it measured faster
-    (the K-fold larger tensors of the batched pass fall out of cache and vmap's batched
-    elementwise/bmm kernels are slower than the per-member ones; ``benchmarks/committee.py``).
-    Both paths give the same numbers (to float rounding).
+    (default) — the batched pass, except on a CPU running torch single-threaded, where the
+    loop measured faster (the K-fold larger tensors of the batched pass fall out of cache
+    and vmap's batched bmm/elementwise kernels are slower than the per-member ones; with
+    several threads, the batched pass's K-fold fewer parallel regions won instead;
+    ``benchmarks/committee.py``). Both paths give the same numbers (to float rounding).
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class Committee(nn.Module):
         if self._vmap_error is not None:
             return False
         if self.vectorize == "auto":
-            return self.alpha.device.type != "cpu"
+            return self.alpha.device.type != "cpu" or torch.get_num_threads() > 1
         return bool(self.vectorize)
 
     def set_alpha(self, alpha: float) -> None:

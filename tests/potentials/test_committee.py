@@ -258,11 +258,18 @@ def test_real_errors_are_not_swallowed_by_the_fallback():
     assert committee._vmap_error is None
 
 
-def test_vectorize_auto_loops_on_cpu_and_both_paths_agree():
+def test_vectorize_auto_loops_on_one_cpu_thread_and_both_paths_agree():
     members = pair_members()
     auto, looped = Committee(members), Committee(members, vectorize=False)
-    assert auto.vectorize == "auto" and not auto.vectorized  # CPU: the sequential path
-    assert Committee(members, vectorize=True).vectorized
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert auto.vectorize == "auto" and not auto.vectorized  # single-threaded CPU: the loop
+        torch.set_num_threads(2)
+        assert auto.vectorized
+    finally:
+        torch.set_num_threads(threads)
+    assert Committee(members, vectorize=True).vectorized and not looped.vectorized
     batch = atoms_to_batch(structures(), 4.0, dtype=torch.float64)
     ref = Committee(members, vectorize=True)(batch, stress=True)
     for committee in (auto, looped):
@@ -297,7 +304,7 @@ def test_energy_only_and_no_grad():
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     committee = committee_of("schnet")
-    committee.vectorize = "auto"  # on CUDA: the vmapped path
+    committee.vectorize = "auto"  # on CUDA: the batched path
     frames = structures()
     cpu = committee(atoms_to_batch(frames, committee.cutoff, dtype=torch.float64), stress=True)
     gpu = committee.to("cuda")(atoms_to_batch(frames, committee.cutoff, dtype=torch.float64, device="cuda"), stress=True)
