@@ -60,9 +60,9 @@ def test_example_validates() -> None:
     assert cfg.exploration.engine == "ase"
     ensembles = [(w.ensemble, w.temperature, w.pressure) for w in cfg.exploration.walkers]
     assert ensembles == [("nvt-langevin", 300, None), ("nvt-langevin", 800, None),
-                         ("nvt-langevin", 1200, None), ("npt-iso", 600, 0.0)]
+                         ("nvt-langevin", 1000, None), ("npt-iso", 600, 0.0)]
     assert cfg.labelling.oracle == "emt"
-    assert cfg.loop.max_iterations == 6 and cfg.loop.convergence_fraction == 0.95
+    assert cfg.loop.max_iterations == 6 and cfg.loop.convergence_fraction == 0.9
     assert cfg.run_dir == EXAMPLE.parent / "runs" / "cu_emt"
 
 

@@ -202,7 +202,8 @@ def test_ctrl_c_stops_calculations_in_flight_without_failure_records(tmp_path):
            "--param", "delay=60", "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list((work / "scratch").glob("*/task.json"))) < 2:
+    # wait until both workers are really running (task files written AND worker processes alive)
+    while time.monotonic() < deadline and (len(list((work / "scratch").glob("*/task.json"))) < 2 or len(worker_pids(work)) < 3):  # the labelling process + 2 workers
         time.sleep(0.05)
     time.sleep(0.5)
     t0 = time.monotonic()
