@@ -158,6 +158,13 @@ def compute_properties(
 ) -> dict[str, torch.Tensor]:
     """Energy, forces and stress of ``model`` on ``batch`` (see the module docstring)."""
     create_graph = model.training if create_graph is None else create_graph
+    with torch.enable_grad():  # forces and stress need autograd even under torch.no_grad()
+        return _compute_properties(model, batch, forces, stress, create_graph)
+
+
+def _compute_properties(
+    model: Potential, batch: dict[str, torch.Tensor], forces: bool, stress: bool, create_graph: bool
+) -> dict[str, torch.Tensor]:
     leaf_positions, cell, displacement, positions = strained_geometry(batch, forces, stress)
     edge_index = batch[keys.EDGE_INDEX]
     vectors = edge_vectors(positions, cell, edge_index[0], edge_index[1], batch[keys.SHIFTS], batch[keys.BATCH])
