@@ -200,7 +200,9 @@ def test_ctrl_c_stops_calculations_in_flight_without_failure_records(tmp_path):
     cmd = [sys.executable, "-m", "alflow.cli", "label", str(src), "--dataset", str(tmp_path / "ds"), "--workdir",
            str(work), "--oracle", "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}",
            "--param", "delay=60", "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a runner started in the background (bash `cmd &`) passes SIGINT on as ignored: restore the default
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     # wait until both workers are really running (task files written AND worker processes alive)
     while time.monotonic() < deadline and (len(list((work / "scratch").glob("*/task.json"))) < 2 or len(worker_pids(work)) < 3):  # the labelling process + 2 workers
