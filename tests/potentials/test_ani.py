@@ -163,7 +163,7 @@ def test_aev_standardization():
 def test_committee_is_vectorized_and_exact():
     """A committee of ANI members runs in one torch.vmap pass (angular edge selection: union_over_vmap)."""
     members = [potentials.build("ani", SPECIES, 4.0, hidden=[16, 8]).double().eval() for _ in range(3)]
-    committee = Committee(members)
+    committee = Committee(members, vectorize=True)
     batch = atoms_to_batch([rattled_cell(), bulk("Ni", "fcc", a=3.52)], members[0].cutoff, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the sequential fallback would warn

@@ -103,7 +103,7 @@ def test_energy_and_forces_continuous_at_the_cutoff():
 def test_committee_is_vectorized_and_exact():
     """A committee of DTNN members runs in one torch.vmap pass and reproduces each member."""
     members = [small_model(seed=s) for s in range(3)]
-    committee = Committee(members)
+    committee = Committee(members, vectorize=True)
     batch = atoms_to_batch([cu_ni_cell(), bulk("Ni", "fcc", a=3.52)], members[0].cutoff, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the sequential fallback would warn

@@ -177,7 +177,7 @@ def test_charges_model_is_invariant_under_supercells_and_images():
 def test_committee_is_vectorized_and_exact():
     """A committee of PhysNet members with charges runs in one torch.vmap pass and reproduces each member."""
     members = [small_model(seed=s) for s in range(3)]
-    committee = Committee(members)
+    committee = Committee(members, vectorize=True)
     batch = atoms_to_batch(frames(), members[0].cutoff, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the sequential fallback would warn
