@@ -147,3 +147,41 @@ def rotation() -> np.ndarray:
     q, r = np.linalg.qr(np.random.default_rng(42).normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
     return q if np.linalg.det(q) > 0 else -q
+
+
+def emt_training_batch(n_frames: int = 20, seed: int = 0, cutoff: float = 4.0) -> dict[str, torch.Tensor]:
+    """A float64 labelled batch of rattled, strained 4-atom Cu cells with EMT energies and forces."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from alflow import keys
+    from alflow.graph import atoms_to_batch
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n_frames):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.02 * rng.normal(size=(3, 3))), scale_atoms=True)
+        atoms.rattle(0.08, seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        atoms.info[keys.REF_ENERGY] = atoms.get_potential_energy()
+        atoms.arrays[keys.REF_FORCES] = atoms.get_forces()
+        frames.append(atoms)
+    return atoms_to_batch(frames, cutoff, dtype=torch.float64, labels=True)
+
+
+def force_training_losses(model: Potential, batch: dict[str, torch.Tensor], steps: int = 40, lr: float = 3e-3) -> tuple[list[float], float]:
+    """Adam on the force MSE for ``steps`` steps: (loss per step, loss of predicting zero force)."""
+    from alflow import keys
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = ((model(batch)[keys.FORCES] - batch[keys.REF_FORCES]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses, float((batch[keys.REF_FORCES] ** 2).mean())

@@ -12,7 +12,6 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
-from ase.calculators.emt import EMT
 
 import potentials
 from alflow import keys
@@ -20,6 +19,7 @@ from alflow.graph import atoms_to_batch
 from potentials.ani import ANI
 from potentials.base import compute_properties
 from potentials.committee import Committee
+from conftest import emt_training_batch, force_training_losses
 
 SPECIES = [28, 29]  # Ni, Cu -> species index 0, 1
 
@@ -177,38 +177,9 @@ def test_committee_is_vectorized_and_exact():
     assert float(out[keys.FORCES_VAR].detach().max()) > 1e-8  # the members differ
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the training loop: much faster than oversubscribing a small, shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_short_training_reduces_force_error(one_thread):
-    rng = np.random.default_rng(0)
-    frames = []
-    for _ in range(20):
-        atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
-        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.02 * rng.normal(size=(3, 3))), scale_atoms=True)
-        atoms.rattle(0.08, seed=int(rng.integers(1 << 30)))
-        atoms.calc = EMT()
-        atoms.info[keys.REF_ENERGY] = atoms.get_potential_energy()
-        atoms.arrays[keys.REF_FORCES] = atoms.get_forces()
-        frames.append(atoms)
+def test_short_training_reduces_force_error():
+    batch = emt_training_batch()
     torch.manual_seed(0)
-    ani = potentials.build("ani", ["Cu"], 4.0, hidden=[32, 16]).double()
-    batch = atoms_to_batch(frames, 4.0, dtype=torch.float64, labels=True)
-    optimizer = torch.optim.Adam(ani.parameters(), lr=3e-3)
-    ani.train()
-    losses = []
-    for _ in range(40):
-        out = ani(batch)
-        loss = ((out[keys.FORCES] - batch[keys.REF_FORCES]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    zero_model = float((batch[keys.REF_FORCES] ** 2).mean())  # the loss of predicting no force at all
+    model = potentials.build("ani", ["Cu"], 4.0, hidden=[32, 16]).double()
+    losses, zero_model = force_training_losses(model, batch)  # zero_model: the loss of predicting no force
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.2 * zero_model, (zero_model, losses[::8])
