@@ -17,8 +17,8 @@ population statistics (ddof = 0) scaled by the calibration factor α: ``energy_v
 
 An architecture whose per-atom energies cannot be vmapped (data-dependent Python
 control flow, ``.item()``, in-place writes into unbatched tensors, ...) falls back to
-K sequential member calls, with one warning. A single-threaded CPU uses the sequential
-path by default (``vectorize="auto"``): it measured faster there (see Committee).
+K sequential member calls, with one warning. On the CPU the sequential path is the
+default (``vectorize="auto"``): it measured faster there (see Committee).
 """
 
 from __future__ import annotations
@@ -89,11 +89,11 @@ class Committee(nn.Module):
     """K potentials of one architecture, species, cutoff and hyperparameters; α calibrates the spread.
 
     ``vectorize``: True — the batched vmap pass; False — K sequential member calls; "auto"
-    (default) — the batched pass, except on a CPU running torch single-threaded, where the
-    loop measured faster (the K-fold larger tensors of the batched pass fall out of cache
-    and vmap's batched bmm/elementwise kernels are slower than the per-member ones; with
-    several threads, the batched pass's K-fold fewer parallel regions won instead;
-    ``benchmarks/committee.py``). Both paths give the same numbers (to float rounding).
+    (default) — the batched pass on an accelerator, the loop on the CPU, where it measured
+    faster with 1 and 2 threads on an idle machine (the K-fold larger tensors of the batched
+    pass fall out of cache, and vmap's batched bmm/elementwise kernels are slower than the
+    per-member ones: SchNet, K = 4, 2 threads, vmap 5.6–8.0× one model vs the loop's
+    4.1–4.5×; ``benchmarks/committee.py``). Both paths give the same numbers (to float rounding).
     """
 
     def __init__(
@@ -132,7 +132,7 @@ class Committee(nn.Module):
         if self._vmap_error is not None:
             return False
         if self.vectorize == "auto":
-            return self.alpha.device.type != "cpu" or torch.get_num_threads() > 1
+            return self.alpha.device.type != "cpu"
         return bool(self.vectorize)
 
     def set_alpha(self, alpha: float) -> None:
