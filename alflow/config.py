@@ -320,6 +320,10 @@ class ExecutionConfig(_Model):
     task_runner: Literal["thread", "process", "dask"] = Field("thread", description="Prefect task runner.")
     max_workers: int = Field(2, ge=1, description="Concurrent tasks.")
     dask_address: str | None = Field(None, description="Scheduler address for task_runner=dask; null starts a local cluster.")
+    dask_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="task_runner=dask: worker resources each stage needs, e.g. {train: {GPU: 1}, explore: {GPU: 1}} "
+                    "sends training and exploration to workers started with `--resources GPU=1`.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto uses CUDA when present.")
     prefect_home: FilePath | None = Field(None, description="PREFECT_HOME directory; null keeps Prefect's default.")
 
@@ -327,6 +331,16 @@ class ExecutionConfig(_Model):
     def _dask(self) -> ExecutionConfig:
         if self.dask_address is not None and self.task_runner != "dask":
             raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
+        if self.dask_resources and self.task_runner != "dask":
+            raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
+        stages = ("initial", "train", "explore", "select", "label")
+        for stage, needs in self.dask_resources.items():
+            if stage not in stages:
+                raise _fail(f"expected a stage name ({', '.join(stages)})", "dask_resources", stage, got=stage)
+            for name, amount in needs.items():
+                if not amount > 0:
+                    raise _fail("expected a positive amount of a worker resource", "dask_resources", stage, name,
+                                got=amount)
         return self
 
 

@@ -21,6 +21,7 @@ publishes it as a markdown artifact.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,21 @@ def task_runner(execution: ExecutionConfig) -> Any:
     if execution.dask_address:
         return DaskTaskRunner(address=execution.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": execution.max_workers, "threads_per_worker": 1})
+
+
+def worker_resources(execution: ExecutionConfig, stage: str) -> contextlib.AbstractContextManager:
+    """Dask annotation of the worker resources ``stage`` needs (``execution.dask_resources``), else a no-op.
+
+    The Dask scheduler then runs the stage only on workers started with those resources
+    (``dask worker ADDRESS --resources GPU=1``): training and exploration on GPU nodes,
+    labels on CPU nodes.
+    """
+    needs = execution.dask_resources.get(stage) if execution.task_runner == "dask" else None
+    if not needs:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=dict(needs))
 
 
 def artifact_key(name: str, suffix: str) -> str:
@@ -93,7 +109,9 @@ def active_learning(config_path: str, force: bool = False) -> dict[str, Any]:
 
     def submit(stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
         task = TASKS[stage].with_options(timeout_seconds=timeouts.get(stage))
-        return task.submit(run_dir, stage, iteration, inputs).result()  # raises when the task failed
+        with worker_resources(config.execution, stage):
+            future = task.submit(run_dir, stage, iteration, inputs)
+        return future.result()  # raises when the task failed
 
     logger.info("%s", config.summary())
     with LoopRun.open(config, force=force, engine="prefect") as run:

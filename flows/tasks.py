@@ -13,6 +13,8 @@ Tags: ``gpu`` for train and explore, ``dft`` for initial and label, so
 from __future__ import annotations
 
 import math
+import os
+import socket
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -29,6 +31,7 @@ def _run(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]
     where = stage if iteration is None else f"{stage} (iteration {iteration})"
     logger.info("%s: starting in %s", where, run_dir)
     result = compute_stage(run_dir, stage, iteration, inputs)
+    result["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # where it ran (Dask/worker placement)
     small = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     logger.info("%s: done in %.1f s %s", where, result["seconds"], small)
     return result
