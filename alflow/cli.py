@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "md": ("md", "run MD walkers (ASE or i-PI) with a committee and score every frame"),
     "ipi-driver": ("ipi_driver", "serve a potential or committee to an i-PI server over a socket"),
     "run": ("run", "run the active-learning loop from a config (Prefect flow; resumes where it stopped)"),
+    "deploy": ("deploy", "deploy the loop to a Prefect server's work pool (or --serve it) to run from there"),
     "report": ("report", "write the HTML/Markdown report with plots for a run directory"),
 }
 
