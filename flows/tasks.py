@@ -1,4 +1,4 @@
-"""Prefect tasks: one per loop stage, each a thin wrapper over ``alflow.loop.compute_stage``.
+"""Prefect tasks: one per loop stage, each a thin wrapper over ``alflow.stages.compute_stage``.
 
 Tasks take and return small things only (the run directory as a string, the
 iteration, a dict of paths and numbers), so Prefect keeps no frames, arrays or
@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from alflow.config import RunConfig
-from alflow.loop import compute_stage
+from alflow.stages import compute_stage
 
 _COMMON: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 

@@ -1,0 +1,277 @@
+"""The loop's stage computations: each stage from scratch in any process, writing under the run directory.
+
+``compute_stage(run_dir, stage, iteration, inputs)`` reads ``run_dir/config.yaml``,
+empties the stage's directory (train, explore, select: redone from scratch; initial and
+label resume their labels, see ``alflow.label``) and returns a small JSON-serialisable
+dict of paths and numbers, which ``alflow.loop.LoopRun.run_stage`` records in
+``state.json``. Prefect tasks (``flows.tasks``) and the plain loop call it alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alflow.config import RunConfig, load_config
+from alflow.loop import CONFIG, StageError, atomic_write_text, stage_key
+from alflow.loop import _json as json_text
+
+log = logging.getLogger(__name__)
+
+def compute_stage(run_dir: str | os.PathLike, stage: str, iteration: int | None, inputs: dict[str, Any],
+                  *, progress: bool = False) -> dict[str, Any]:
+    """Compute one stage from scratch; writes its outputs under ``run_dir/stage_key`` and returns a small dict.
+
+    Reads the configuration from ``run_dir/config.yaml``, so it can run in any process.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG)
+    out = run_dir / stage_key(stage, iteration)
+    if stage in ("train", "explore", "select"):  # redone from scratch; label/initial resume their labels
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fn = {"initial": _initial, "train": _train, "explore": _explore, "select": _select, "label": _label}[stage]
+    result = fn(config, run_dir, out, iteration, inputs, progress)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def status_counts(walkers: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(w["status"] for w in walkers))
+
+
+def finite(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _rel(path: str | os.PathLike, run_dir: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), run_dir.resolve())
+
+
+def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: bool,
+                retry_failed: bool) -> dict[str, int]:
+    """Label ``frames`` into ``ds`` (resuming); counts over these frames: labelled (in the dataset), failed.
+
+    ``retry_failed``: try frames that finally failed before again (the stage failed in an earlier session,
+    e.g. a broken oracle since fixed); Prefect's retries within a session do not.
+    """
+    from alflow.io import frame_hash
+    from alflow.label import FAILURES, label_frames, read_failures
+
+    hashes = {frame_hash(a) for a in frames}
+    res = label_frames(frames, cfg.labelling, ds, workdir, progress=progress, max_workers=cfg.execution.max_workers,
+                       retry_failed=retry_failed)
+    stored = hashes & ds.hashes
+    final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}
+    return {"n_frames": len(hashes), "n_labelled": len(stored), "n_failed": len((final & hashes) - stored),
+            "n_attempts": res.n_attempts}
+
+
+def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, inputs: dict, progress: bool) -> dict:
+    """Import ``system.initial_dataset`` and/or label ``system.initial_rattle`` copies of the structures."""
+    from ase.data import chemical_symbols
+
+    from alflow.data import Dataset, read_frames
+    from alflow.explore.runner import system_structures
+    from alflow.explore.structures import random_strain, rattled
+    from alflow.io import frame_hash, write_extxyz_atomic
+    from alflow.keys import ITERATION, SOURCE
+
+    ds = Dataset(run_dir / "dataset")
+    structures = system_structures(cfg.system)
+    n_imported = 0
+    if cfg.system.initial_dataset is not None:
+        ds.import_file(cfg.system.initial_dataset)
+        n_imported = len({frame_hash(a) for a in read_frames(cfg.system.initial_dataset)} & ds.hashes)
+    counts = {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    if cfg.system.initial_rattle is not None:
+        r = cfg.system.initial_rattle
+        rng = np.random.default_rng([cfg.seed, 7])
+        frames = []
+        for k in range(r.n_frames):
+            atoms = rattled(random_strain(structures[k % len(structures)], r.strain, rng), r.stdev, rng)
+            atoms.info.update({SOURCE: "rattle", ITERATION: -1})
+            frames.append(atoms)
+        write_extxyz_atomic(frames, out / "rattled.extxyz")
+        counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+    n = len(ds)
+    if n < 2:
+        raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, "
+                         f"{counts['n_labelled']} of {counts['n_frames']} rattled frames labelled, failures in "
+                         f"{out / 'failures.jsonl'}); "
+                         "training needs at least 2: set system.initial_dataset or system.initial_rattle.n_frames")
+    species = sorted({int(z) for s in structures for z in s.numbers} | {int(z) for a in ds.frames() for z in a.numbers})
+    return {"n_imported": n_imported, "n_rattled": counts["n_frames"], "n_labelled": counts["n_labelled"],
+            "n_failed": counts["n_failed"], "dataset_size": n, "species": species,
+            "elements": [chemical_symbols[z] for z in species]}
+
+
+_METRIC_KEYS = ("n_frames", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "stress_rmse")
+
+
+def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Train the committee on the whole dataset (warm start from ``inputs['init_from']``), calibrate, save."""
+    import torch
+
+    import potentials
+    from alflow.committee import calibrate_committee
+    from alflow.data import Dataset
+    from alflow.keys import FRAME_HASH
+    from alflow.train import train_committee
+    from potentials.committee import Committee
+
+    # sorted by content hash: the split and the model do not depend on the order labels arrived in
+    frames = sorted(Dataset(run_dir / "dataset").frames(), key=lambda a: a.info[FRAME_HASH])
+    pot = cfg.potential
+    committee = Committee.build(pot.architecture, cfg.committee.size, inputs["species"], pot.cutoff,
+                                seed=cfg.seed + 1000 * iteration, **pot.hparams)
+    committee.to(getattr(torch, pot.dtype))
+    init_from = inputs.get("init_from")
+    result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap,
+                             device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed + iteration, out_dir=out,
+                             progress=progress, init_from=init_from)
+    alpha, note = 1.0, None
+    if cfg.committee.calibrate:
+        committee.eval()
+        try:
+            alpha = calibrate_committee(committee, [frames[k] for k in result.valid_idx])
+        except ValueError as err:  # e.g. members agreeing exactly somewhere: keep alpha = 1
+            note = f"calibration skipped: {err}"
+            log.warning("iteration %s: %s", iteration, note)
+    potentials.save(committee, out / "committee.pt")
+    metrics = {split: {k: m[k] for k in _METRIC_KEYS if m.get(k) is not None} for split, m in result.metrics.items()}
+    return {"committee": _rel(out / "committee.pt", run_dir), "n_frames": len(frames), "n_train": len(result.train_idx),
+            "n_valid": len(result.valid_idx), "n_test": len(result.test_idx), "alpha": float(alpha),
+            "calibration_note": note, "warm_start": init_from is not None, "train_seconds": result.seconds,
+            "valid": metrics.get("valid", {}), "train": metrics.get("train", {}), "test": metrics.get("test", {}),
+            "members": [{"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
+                         "seconds": m.seconds} for m in result.members]}
+
+
+def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Run every walker with the committee; one scored trajectory per walker."""
+    from alflow.explore.runner import explore
+
+    results = explore(cfg, inputs["model"], out, iteration=iteration, device=cfg.execution.device, progress=progress)
+    walkers = [{"name": w["name"], "status": w["status"], "steps": int(w["steps"]), "frames": int(w["frames"]),
+                "trajectory": _rel(w["trajectory"], run_dir), "max_force_deviation": w.get("max_force_deviation"),
+                "message": str(w.get("message", ""))[:500], "seconds": float(w.get("seconds", 0.0))} for w in results]
+    if walkers and all(w["status"] == "ERROR" for w in walkers):
+        raise StageError(f"iteration {iteration}: every walker failed; first error: {walkers[0]['message']}")
+    return {"walkers": walkers, "statuses": status_counts(walkers), "n_frames": sum(w["frames"] for w in walkers)}
+
+
+def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Classify the explored frames and choose the ones to label (``alflow.select``)."""
+    from alflow.data import Dataset
+    from alflow.io import frame_hash, write_extxyz_atomic
+    from alflow.keys import (
+        ENERGY_DEVIATION_PER_ATOM,
+        ITERATION,
+        MAX_FORCE_DEVIATION,
+        PRED_FORCES,
+        WALKER,
+    )
+    from alflow.select import load_scored, select_frames
+
+    trajectories = load_scored([p for p in inputs["trajectories"] if Path(p).is_file()])
+    for trajectory in trajectories:
+        for atoms in trajectory:
+            atoms.info[ITERATION] = iteration
+    selection = select_frames(trajectories, cfg.selection, Dataset(run_dir / "dataset"), seed=cfg.seed + iteration,
+                              budget=inputs["budget"])
+    selected = predictions = None
+    frames = [a for t in trajectories for a in t]
+    if selection.frames:
+        write_extxyz_atomic(selection.frames, out / "selected.extxyz")
+        selected = _rel(out / "selected.extxyz", run_dir)
+        # the committee's predictions for the selected frames (selected.extxyz carries none, so that no
+        # prediction is ever read back as a label): the label stage measures the true errors with them
+        explored = {frame_hash(a): a for a in frames if PRED_FORCES in a.arrays}
+        predicted = [explored[h] for h in (frame_hash(a) for a in selection.frames) if h in explored]
+        if predicted:
+            write_extxyz_atomic(predicted, out / "predictions.extxyz")
+            predictions = _rel(out / "predictions.extxyz", run_dir)
+    scores = {"lower": cfg.selection.lower, "upper": cfg.selection.upper,
+              MAX_FORCE_DEVIATION: [float(a.info.get(MAX_FORCE_DEVIATION, np.nan)) for a in frames],
+              ENERGY_DEVIATION_PER_ATOM: [float(a.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)) for a in frames],
+              WALKER: [str(a.info.get(WALKER, "")) for a in frames]}
+    atomic_write_text(out / "scores.json", json.dumps(scores).replace("NaN", "null"))
+    atomic_write_text(out / "summary.json", json_text(selection.summary))
+    s = selection.summary
+    return {"n_frames": s["n_frames"], "n_accurate": s["n_accurate"], "n_candidate": s["n_candidate"],
+            "n_failed": s["n_failed"], "n_selected": s["n_selected"], "adaptive": s["adaptive"],
+            "budget": s["budget"], "rejections": s["rejections"], "selected": selected, "predictions": predictions}
+
+
+def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, Any]]:
+    """Committee prediction (``arrays[PRED_FORCES]``, ``info[PRED_ENERGY]``) vs label for each frame now
+    in the dataset (eV/Å, eV/atom)."""
+    from alflow.io import frame_hash
+    from alflow.keys import (
+        ENERGY_DEVIATION_PER_ATOM,
+        FRAME_HASH,
+        MAX_FORCE_DEVIATION,
+        PRED_ENERGY,
+        PRED_FORCES,
+        REF_ENERGY,
+        REF_FORCES,
+        STEP,
+        WALKER,
+    )
+
+    by_hash = {a.info[FRAME_HASH]: a for a in dataset_frames}
+    rows = []
+    for atoms in predicted:
+        h = frame_hash(atoms)
+        ref = by_hash.get(h)
+        if ref is None or PRED_FORCES not in atoms.arrays:
+            continue
+        diff = np.asarray(atoms.arrays[PRED_FORCES], float) - np.asarray(ref.arrays[REF_FORCES], float)
+        pred_e = atoms.info.get(PRED_ENERGY)
+        rows.append({
+            "frame_hash": h, "walker": str(atoms.info.get(WALKER, "")), "step": int(atoms.info.get(STEP, -1)),
+            MAX_FORCE_DEVIATION: finite(atoms.info.get(MAX_FORCE_DEVIATION, np.nan)),
+            ENERGY_DEVIATION_PER_ATOM: finite(atoms.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)),
+            "max_force_error": float(np.linalg.norm(diff, axis=1).max()),
+            "force_rmse": float(np.sqrt(np.mean(diff**2))),
+            "energy_error_per_atom": None if pred_e is None
+            else (float(pred_e) - float(ref.info[REF_ENERGY])) / len(atoms),
+            "sq_sum": float(np.sum(diff**2)), "n_components": int(diff.size),
+        })
+    return rows
+
+
+def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+    """Label the selected frames into the dataset (resumable) and measure the committee's true errors on them."""
+    import ase.io
+
+    from alflow.data import Dataset
+
+    ds = Dataset(run_dir / "dataset")
+    frames = ase.io.read(inputs["selected"], index=":", format="extxyz") if inputs.get("selected") else []
+    counts = {"n_frames": 0, "n_labelled": 0, "n_failed": 0}
+    if frames:
+        counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+    if frames and counts["n_labelled"] == 0:
+        raise StageError(f"iteration {iteration}: labelling failed for all {len(frames)} selected frames; see "
+                         f"{out / 'failures.jsonl'}. Fix the oracle and rerun (--force after a config change): "
+                         "failed frames are tried again")
+    predicted = inputs.get("predictions")
+    predicted = ase.io.read(predicted, index=":", format="extxyz") if predicted and Path(predicted).is_file() else []
+    errors = prediction_errors(predicted, ds.frames()) if predicted else []
+    atomic_write_text(out / "errors.json", json_text(errors))
+    n_comp = sum(e["n_components"] for e in errors)
+    return {**counts, "dataset_size": len(ds),
+            "forces_rmse": float(np.sqrt(sum(e["sq_sum"] for e in errors) / n_comp)) if n_comp else None,
+            "max_force_error": max((e["max_force_error"] for e in errors), default=None)}
