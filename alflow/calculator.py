@@ -13,15 +13,17 @@ present. The neighbor list is rebuilt at each call (vesin, alflow.neighbors).
 
 For a :class:`potentials.committee.Committee`, ``energy``/``forces``/``stress`` are the
 committee means and ``results`` also holds, as numpy arrays for the one structure:
-``energies`` (K,), ``forces_comm`` (K, N, 3), ``stress_comm`` (K, 6) when stress was
-computed, ``energy_var`` (scalar, eV²), ``forces_var`` (N, 3), ``force_deviation``
-(N,), ``max_force_deviation`` (eV/Å) and ``energy_deviation_per_atom`` (eV/atom),
-all calibrated by the committee's α (definitions: ``alflow.committee``).
+``energies_comm`` (K,) the members' energies, ``forces_comm`` (K, N, 3), ``stress_comm``
+(K, 6) when stress was computed, ``energy_var`` (scalar, eV²), ``forces_var`` (N, 3),
+``force_deviation`` (N,), ``max_force_deviation`` (eV/Å) and
+``energy_deviation_per_atom`` (eV/atom), all calibrated by the committee's α
+(definitions: ``alflow.committee``).
 
-ASE reserves ``energies`` for *per-atom* energies: ``ase.io.write(..., format="extxyz")``
-copies ``calc.results`` into the file and fails (K ≠ N) or mislabels the member
-energies as per-atom energies (K = N). Write frames without the calculator attached
-(``atoms.calc = None``) or with ``write_results=False``.
+``energies`` is ASE's per-atom energy (N,) in eV (``atoms.get_potential_energies()``;
+for a committee the members' mean), which sums to ``energy``. The committee's member
+energies are therefore ``energies_comm`` here (the torch outputs and the i-PI extras
+call them ``energies``/``committee_pot``): ASE's writers treat ``energies`` as a
+per-atom array, so ``ase.io.write`` of an Atoms with this calculator attached works.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from alflow import keys
 from alflow.graph import atoms_to_batch
 
+ENERGIES_COMM = "energies_comm"  # the committee members' energies (K,), eV
+
 COMMITTEE_RESULTS = (
-    keys.ENERGIES,
+    ENERGIES_COMM,
     keys.FORCES_COMM,
     keys.STRESS_COMM,
     keys.ENERGY_VAR,
@@ -60,7 +64,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class AlflowCalculator(Calculator):
     """ASE calculator wrapping a Potential or a Committee (an object, or a path for ``potentials.load``)."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, device: str | torch.device = "auto", **kwargs: Any):
         super().__init__(**kwargs)
@@ -92,7 +96,8 @@ class AlflowCalculator(Calculator):
         out = self.model(batch, forces=True, stress=want_stress)
         out = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()}
         energy = float(out[keys.ENERGY][0])
-        self.results = {"energy": energy, "free_energy": energy, "forces": out[keys.FORCES]}
+        self.results = {"energy": energy, "free_energy": energy, "energies": out[keys.NODE_ENERGY],
+                        "forces": out[keys.FORCES]}
         if want_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.STRESS][0])
         if self.is_committee:
@@ -101,7 +106,7 @@ class AlflowCalculator(Calculator):
     @staticmethod
     def _committee_results(out: dict[str, np.ndarray], stress: bool) -> dict[str, Any]:
         results: dict[str, Any] = {
-            keys.ENERGIES: out[keys.ENERGIES][:, 0],
+            ENERGIES_COMM: out[keys.ENERGIES][:, 0],
             keys.FORCES_COMM: out[keys.FORCES_COMM],
             keys.ENERGY_VAR: float(out[keys.ENERGY_VAR][0]),
             keys.FORCES_VAR: out[keys.FORCES_VAR],

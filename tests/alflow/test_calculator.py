@@ -13,13 +13,14 @@ from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_stress
 from ase.filters import FrechetCellFilter
+from ase.io import read, write
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow import keys
-from alflow.calculator import AlflowCalculator, resolve_device
+from alflow.calculator import ENERGIES_COMM, AlflowCalculator, resolve_device
 from alflow.graph import atoms_to_batch
 from potentials import registry
 from potentials.base import UnknownElementError
@@ -128,18 +129,32 @@ def test_committee_results_and_path_loading(tmp_path):
         stress, forces, energy = atoms.get_stress(), atoms.get_forces(), atoms.get_potential_energy()
         r = calc.results
         n = len(atoms)
-        assert r[keys.ENERGIES].shape == (3,) and r[keys.FORCES_COMM].shape == (3, n, 3)
+        assert r[ENERGIES_COMM].shape == (3,) and r[keys.FORCES_COMM].shape == (3, n, 3)
+        assert r["energies"].shape == (n,)  # ASE's per-atom energies (the members' mean), summing to the energy
+        assert r["energies"].sum() == pytest.approx(r["energy"], abs=1e-10)
+        np.testing.assert_allclose(atoms.get_potential_energies(), r["energies"])
         assert r[keys.STRESS_COMM].shape == (3, 6) and r[keys.FORCES_VAR].shape == (n, 3)
-        assert energy == pytest.approx(r[keys.ENERGIES].mean(), abs=1e-12)
+        assert energy == pytest.approx(r[ENERGIES_COMM].mean(), abs=1e-12)
         np.testing.assert_allclose(forces, r[keys.FORCES_COMM].mean(0), atol=1e-12)
         np.testing.assert_allclose(stress, r[keys.STRESS_COMM].mean(0), atol=1e-12)
         for k, member in enumerate(members):  # each member's predictions, as the member alone
             np.testing.assert_allclose(r[keys.FORCES_COMM][k], model_outputs(member, atoms)[keys.FORCES], atol=1e-10)
         eps = 1.5 * np.sqrt(((r[keys.FORCES_COMM] - forces) ** 2).sum(-1).mean(0))
         assert r[keys.MAX_FORCE_DEVIATION] == pytest.approx(eps.max(), rel=1e-10)
-        assert r[keys.ENERGY_VAR] == pytest.approx(1.5**2 * r[keys.ENERGIES].var(), rel=1e-10)
-        assert r[keys.ENERGY_DEVIATION_PER_ATOM] == pytest.approx(1.5 * r[keys.ENERGIES].std() / n, rel=1e-10)
+        assert r[keys.ENERGY_VAR] == pytest.approx(1.5**2 * r[ENERGIES_COMM].var(), rel=1e-10)
+        assert r[keys.ENERGY_DEVIATION_PER_ATOM] == pytest.approx(1.5 * r[ENERGIES_COMM].std() / n, rel=1e-10)
         assert isinstance(r[keys.MAX_FORCE_DEVIATION], float) and r[keys.MAX_FORCE_DEVIATION] > 0
+
+
+def test_frames_with_a_committee_calculator_attached_write_to_extxyz(tmp_path):
+    atoms = rattled_cu(repeat=(1, 1, 2))
+    atoms.calc = AlflowCalculator(Committee([small_schnet(seed=s) for s in range(3)]), device="cpu")
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    write(tmp_path / "frame.extxyz", atoms)  # calc.results go into the file; member energies must not clash
+    back = read(tmp_path / "frame.extxyz")
+    assert back.get_potential_energy() == pytest.approx(energy, abs=1e-6)
+    np.testing.assert_allclose(back.get_forces(), forces, atol=1e-6)
+    np.testing.assert_allclose(back.get_potential_energies(), atoms.calc.results["energies"], atol=1e-6)
 
 
 def test_unknown_element_is_named():
