@@ -292,6 +292,39 @@ def split(
     return train, valid, test
 
 
+def stable_split(
+    frames: Sequence[Atoms], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, valid, test) index arrays where each frame's part depends on its content only.
+
+    Frame k gets u_k in [0, 1) from the hash of its content (``alflow.io.frame_hash``) and
+    ``seed``: valid if u_k < f_valid, test if u_k < f_valid + f_test, else train. A frame
+    therefore stays in its part while the dataset grows (the active-learning loop retrains
+    on a growing dataset with warm starts: a frame the previous model trained on must not
+    become a validation frame, or early stopping would favour the old weights). The parts'
+    sizes follow the fractions on average; with n >= 2 and f_valid > 0 the frame of smallest
+    u is validation when no u fell below f_valid, and train keeps at least one frame.
+    """
+    import hashlib
+
+    from alflow.io import frame_hash
+
+    n = len(frames)
+    if n <= 0:
+        raise DatasetError("cannot split an empty dataset (0 frames)")
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or np.any(fr < 0) or abs(fr.sum() - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{frame_hash(a)}".encode()).digest()[:8], "little") / 2**64
+                  for a in frames])
+    part = np.where(u < fr[1], 1, np.where(u < fr[1] + fr[2], 2, 0))
+    if n >= 2 and fr[1] > 0 and not np.any(part == 1):
+        part[int(np.argmin(u))] = 1
+    if not np.any(part == 0):
+        part[int(np.argmax(np.where(part == 1, -1.0, u)))] = 0  # the largest-u frame that is not the last valid one
+    return tuple(np.flatnonzero(part == p) for p in (0, 1, 2))  # type: ignore[return-value]
+
+
 def fit_e0(frames: Sequence[Atoms]) -> dict[int, float]:
     """Per-element reference energies e_Z (eV) by least squares: E ≈ Σ_Z n_Z e_Z.
 

@@ -130,7 +130,8 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     from alflow.train import train_committee
     from potentials.committee import Committee
 
-    # sorted by content hash: the split and the model do not depend on the order labels arrived in
+    # sorted by content hash: the model does not depend on the order labels arrived in; the split is by
+    # content too (stable_split), so a frame an earlier iteration trained on never becomes a validation frame
     frames = sorted(Dataset(run_dir / "dataset").frames(), key=lambda a: a.info[FRAME_HASH])
     pot = cfg.potential
     committee = Committee.build(pot.architecture, cfg.committee.size, inputs["species"], pot.cutoff,
@@ -138,8 +139,8 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     committee.to(getattr(torch, pot.dtype))
     init_from = inputs.get("init_from")
     result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap,
-                             device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed + iteration, out_dir=out,
-                             progress=progress, init_from=init_from)
+                             device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed, out_dir=out,
+                             progress=progress, init_from=init_from, stable_split=True)
     alpha, note = 1.0, None
     if cfg.committee.calibrate:
         committee.eval()

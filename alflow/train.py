@@ -429,11 +429,14 @@ def train_committee(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     init_from: nn.Module | Sequence[nn.Module] | str | os.PathLike | None = None,
+    stable_split: bool = False,
 ) -> CommitteeTrainResult:
     """Train every member (a ``Committee``'s ``members`` or a list of potentials) one after another.
 
     One train/valid/test split of ``frames`` by ``seed`` (``alflow.data.split`` with
-    ``config.valid_fraction`` and ``config.test_fraction``) is shared; member k trains
+    ``config.valid_fraction`` and ``config.test_fraction``; ``stable_split``:
+    ``alflow.data.stable_split``, where a frame keeps its part as the dataset grows, for
+    warm-started retraining) is shared; member k trains
     with seed ``seed + k`` (batch order) and, with ``bootstrap``, on a resample with
     replacement of the training frames of the same size; a fresh member's E0/scale/shift
     are fitted on its own training frames. ``init_from``: a committee
@@ -441,7 +444,7 @@ def train_committee(
     every member starts from. With ``out_dir``: ``member_<k>/`` (best.pt, metrics.json),
     ``metrics.json`` (this result) and, for a Committee, ``committee.pt``.
     """
-    from alflow.data import split
+    from alflow.data import split, stable_split as split_by_content
 
     members = members_of(models) if isinstance(models, nn.Module) else list(models)
     if not members:
@@ -462,7 +465,10 @@ def train_committee(
             raise ValueError(f"init_from: {len(previous)} previous members for {len(members)} members")
         sources = previous * len(members) if len(previous) == 1 else previous
     fractions = (1.0 - config.valid_fraction - config.test_fraction, config.valid_fraction, config.test_fraction)
-    train_idx, valid_idx, test_idx = split(len(frames), fractions, seed)
+    if stable_split:
+        train_idx, valid_idx, test_idx = split_by_content(frames, fractions, seed)
+    else:
+        train_idx, valid_idx, test_idx = split(len(frames), fractions, seed)
     _need_split(len(train_idx), len(valid_idx), "")
     start = time.perf_counter()
     if isinstance(models, nn.Module):

@@ -488,3 +488,21 @@ def test_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys):
     assert main(["data", "export", str(tmp_path / "not_a_dataset"), str(tmp_path / "o.extxyz")]) == 2
     assert "not_a_dataset" in capsys.readouterr().err
     assert not (tmp_path / "not_a_dataset").exists()
+
+
+def test_stable_split_keeps_every_frame_in_its_part_as_the_dataset_grows():
+    from alflow.data import stable_split
+
+    frames = emt_frames(60, stress=False)
+    parts_before = None
+    for n in (6, 20, 40, 60):
+        train, valid, test = stable_split(frames[:n], (0.7, 0.2, 0.1), seed=3)
+        assert sorted([*train, *valid, *test]) == list(range(n)) and len(valid) >= 1 and len(train) >= 1
+        part = {k: p for p, idx in enumerate((train, valid, test)) for k in idx}
+        if parts_before is not None:  # no frame moves (the fallbacks for tiny sets are not needed from 20 on)
+            assert all(part[k] == p for k, p in parts_before.items())
+        parts_before = part if n >= 20 else None
+    assert 4 <= len(valid) <= 22 and len(test) <= 14  # 60 frames: 12 and 6 expected
+    assert stable_split(frames[::-1], (0.7, 0.2, 0.1), seed=3)[1].size == len(valid)  # order does not matter
+    other = stable_split(frames, (0.7, 0.2, 0.1), seed=4)[1]
+    assert set(other) != set(valid)  # the seed picks another split
