@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="explored conditions per iteration (see pool_walkers)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
                    help="run only these (e.g. one per process); a finished run is resumed, not recomputed")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="evaluate the finished iterations of the runs in --out without running the loop")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
@@ -232,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies:
         t1 = time.perf_counter()
         run_dir = args.out.resolve() / strategy
-        config = config_from_dict(copy.deepcopy(base_config(args, strategy, run_dir)))
-        summary = run_loop(config, force=True, say=lambda s: None)
+        if not args.evaluate_only:
+            config = config_from_dict(copy.deepcopy(base_config(args, strategy, run_dir)))
+            summary = run_loop(config, force=True, say=lambda s: None)
+            print(f"{strategy}: {summary['iterations']} iterations, {summary['labels']} labels, stop "
+                  f"{summary['status']} ({time.perf_counter() - t1:.0f} s)", flush=True)
         curves[strategy] = evaluate_run(run_dir, test, args.device)
-        print(f"{strategy}: {summary['iterations']} iterations, {summary['labels']} labels, stop "
-              f"{summary['status']} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
     names = list(curves)
     print("\ntest force RMSE (eV/Å) and energy MAE (meV/atom) vs labelled frames")
