@@ -167,7 +167,7 @@ def labels_to_reach(rows: list[dict[str, Any]], target: float) -> int | None:
     return next((r["labels"] for r in rows if r["forces_rmse"] <= target), None)
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], target: float, path: Path) -> None:
+def plot(curves: dict[str, list[dict[str, Any]]], targets: list[float], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -176,7 +176,8 @@ def plot(curves: dict[str, list[dict[str, Any]]], target: float, path: Path) -> 
     ax = fig.add_subplot()
     for strategy, rows in curves.items():
         ax.plot([r["labels"] for r in rows], [r["forces_rmse"] for r in rows], "o-", label=strategy)
-    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g} eV/Å")
+    for target, style in zip(targets, ("--", ":", "-.")):
+        ax.axhline(target, color="grey", ls=style, lw=1, label=f"{target:g} eV/Å")
     ax.set_xlabel("labelled frames (EMT)")
     ax.set_ylabel("test force RMSE (eV/Å)")
     ax.set_yscale("log")
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of both runs (the test set uses seed + 7919)")
     p.add_argument("--out", type=Path, default=Path("runs/active_vs_random"), help="run directories")
     p.add_argument("--plot", type=Path, default=None, help="PNG of force RMSE vs labels")
+    p.add_argument("--plot-targets", type=float, nargs="*", default=[], help="more horizontal lines (eV/Å)")
     p.add_argument("--pool", default="production", choices=("production", "balanced"),
                    help="explored conditions per iteration (see pool_walkers)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curves.json").write_text(json.dumps({"target": args.target, "curves": curves}, indent=1))
     if args.plot is not None:
-        plot(curves, args.target, args.plot)
+        plot(curves, [args.target, *args.plot_targets], args.plot)
         print(f"plot: {args.plot}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
