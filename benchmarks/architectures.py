@@ -1,6 +1,6 @@
 """Every registered architecture trained on the same data with the same epoch budget: one table.
 
-    python benchmarks/architectures.py --epochs 40 [--only schnet painn] [--datasets cu cuni]
+    python benchmarks/architectures.py --epochs 30 --frames 150 [--only schnet painn] [--datasets cu cuni]
     python benchmarks/architectures.py --table            # print the tables from the cache only
 
 Datasets (labels from ASE's EMT, a real calculator): Cu (``alflow.datasets.cu_emt_dataset``:
@@ -205,7 +205,7 @@ def print_tables(args: argparse.Namespace, cache: dict[str, Any], names: list[st
                 continue
             t, inf = r["test"], r["inference"]
             print(f"| {name} | {r['params']:,} | {r['settings']['lr']:g} | {fmt(t['energy_mae'], 1e3, 2)} | "
-                  f"{fmt(t['forces_mae'])} | {fmt(t['forces_rmse'])} | {t['forces_rmse'] / best:.1f}× | "
+                  f"{fmt(t['forces_mae'], 1, 4)} | {fmt(t['forces_rmse'], 1, 4)} | {t['forces_rmse'] / best:.1f}× | "
                   f"{fmt(t.get('stress_rmse'), 1e3, 2)} | {fmt(inf.get('108'), 1, 0)} | {fmt(inf.get('2048'), 1, 0)} | "
                   f"{r['s_per_epoch']:.1f} | {r['epochs']} ({r['best_epoch']}) |")
         loads = [x for r in done for x in r["load_average"]]
@@ -226,9 +226,9 @@ def parse_lr_for(items: list[str]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=40, help="epochs per architecture and dataset (the budget)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs per architecture and dataset (the budget)")
     parser.add_argument("--seconds", type=float, default=None, help="optional safety cap on training wall time (s)")
-    parser.add_argument("--frames", type=int, default=200, help="frames per dataset, split 80/10/10")
+    parser.add_argument("--frames", type=int, default=150, help="frames per dataset, split 80/10/10")
     parser.add_argument("--cu-sizes", type=int, nargs="+", default=[32], help="Cu cell sizes (atoms): 32, 108")
     parser.add_argument("--cutoff", type=float, default=4.5)
     parser.add_argument("--lr", type=float, default=2e-3)
