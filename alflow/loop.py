@@ -104,7 +104,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.close(fd)
 
 
-def _json(data: Any) -> str:
+def json_text(data: Any) -> str:
     return json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
 
@@ -265,7 +265,7 @@ class LoopRun:
     # -- state ----------------------------------------------------------------------------------
     def _write(self) -> None:
         self.state["updated"] = now()
-        atomic_write_text(self.run_dir / STATE, _json(self.state))
+        atomic_write_text(self.run_dir / STATE, json_text(self.state))
         rows = "".join(json.dumps(r, default=str) + "\n" for r in self.state["iterations"])
         atomic_write_text(self.run_dir / METRICS, rows)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from alflow.config import RunConfig, load_config
 from alflow.loop import CONFIG, StageError, atomic_write_text, stage_key
-from alflow.loop import _json as json_text
+from alflow.loop import json_text
 
 log = logging.getLogger(__name__)
 
