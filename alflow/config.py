@@ -266,7 +266,9 @@ class SelectionConfig(_Model):
     upper: float = Field(0.5, gt=0, description="Frames above this (eV/Å) are considered unphysical, not labelled.")
     energy_lower: float | None = Field(None, ge=0, description="Optional energy deviation trust level (eV/atom).")
     energy_upper: float | None = Field(None, gt=0, description="Optional energy deviation upper level (eV/atom).")
-    adaptive_fraction: float | None = Field(None, gt=0, le=1, description="Set lower adaptively so this fraction of frames is accurate.")
+    adaptive_fraction: float | None = Field(
+        None, gt=0, le=1,
+        description="When no frame is above lower: take the most uncertain ceil(f * n) of the n frames as candidates.")
     max_per_iteration: int = Field(20, ge=1, description="At most this many frames labelled per iteration.")
     max_per_walker: int | None = Field(None, ge=1, description="At most this many frames from one walker per iteration.")
     min_stride: int = Field(1, ge=1, description="Minimum distance between selected frames of one trajectory (frames).")
@@ -274,9 +276,23 @@ class SelectionConfig(_Model):
     strategy: Literal["committee", "random"] = Field("committee", description="Uncertainty-based or random selection (baseline).")
     min_interatomic_distance: float = Field(0.6, gt=0, description="Reject frames with atoms closer than this (Å).")
     max_force: float = Field(50.0, gt=0, description="Reject frames whose predicted force exceeds this (eV/Å).")
+    covalent_fraction: float = Field(
+        0.5, ge=0, le=2, description="Reject pairs closer than this fraction of their covalent radii sum.")
+    volume_per_atom: tuple[float, float] = Field(
+        (1.0, 500.0), description="Reject 3D-periodic frames whose volume per atom (Å³) is outside [min, max].")
+    cell_angles: tuple[float, float] = Field(
+        (20.0, 160.0), description="Reject 3D-periodic frames with a cell angle (degrees) outside [min, max].")
+    dataset_distance: float = Field(
+        2e-4, ge=0, description="fps: drop candidates this close to a dataset frame in descriptor space (near-duplicates).")
 
     @model_validator(mode="after")
     def _ordered(self) -> SelectionConfig:
+        for name in ("volume_per_atom", "cell_angles"):
+            low, high = getattr(self, name)
+            if not 0 <= low < high:
+                raise _fail("expected [min, max] with 0 <= min < max", name, got=[low, high])
+        if self.cell_angles[1] > 180:
+            raise _fail("angles are at most 180 degrees", "cell_angles", got=list(self.cell_angles))
         if self.upper <= self.lower:
             raise _fail(f"must be greater than lower ({self.lower})", "upper", got=self.upper)
         if self.energy_lower is not None and self.energy_upper is not None and self.energy_upper <= self.energy_lower:

@@ -18,7 +18,7 @@ from pathlib import Path
 OVERRIDES = {
     "lower": float, "upper": float, "energy_lower": float, "energy_upper": float, "adaptive_fraction": float,
     "max_per_iteration": int, "max_per_walker": int, "min_stride": int, "min_interatomic_distance": float,
-    "max_force": float,
+    "max_force": float, "covalent_fraction": float, "dataset_distance": float,
 }
 
 
@@ -33,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diversity", choices=("fps", "none"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     parser.add_argument("--budget", type=int, default=None, help="frames to select (default max_per_iteration)")
-    parser.add_argument("--dataset-distance", type=float, default=None,
-                        help="FPS: drop candidates closer than this to a dataset frame (descriptor units)")
     for name, typ in OVERRIDES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
 
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from alflow.config import ConfigError, SelectionConfig, load_config
     from alflow.data import Dataset
     from alflow.io import write_extxyz_atomic
-    from alflow.select import DATASET_DISTANCE, load_scored, select_frames
+    from alflow.select import load_scored, select_frames
 
     try:
         base = load_config(args.config).selection.model_dump() if args.config else {}
@@ -68,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = SelectionConfig(**base)
         trajectories = {Path(p).stem: t for p, t in zip(args.trajectories, load_scored(args.trajectories))}
         dataset = Dataset(args.dataset, create=False) if args.dataset else None
-        sel = select_frames(trajectories, cfg, dataset, seed=args.seed, budget=args.budget,
-                            dataset_distance=DATASET_DISTANCE if args.dataset_distance is None else args.dataset_distance)
+        sel = select_frames(trajectories, cfg, dataset, seed=args.seed, budget=args.budget)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
                              for e in err.errors(include_url=False))

@@ -12,6 +12,7 @@ import math
 import ase.io
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -173,6 +174,28 @@ def test_physical_filters_reject_with_reasons():
     nan = good.copy()
     nan.positions[0, 0] = np.nan
     assert physical_rejection(nan, cfg()).startswith("non_finite")
+
+
+def test_physical_filter_levels_come_from_the_config():
+    """covalent_fraction, volume_per_atom and cell_angles are selection fields (and reach select_frames)."""
+    squeezed = frame(0.2, step=5, seed=5)  # 1.0 Å pair: rejected at covalent_fraction 0.5, kept at 0.3
+    squeezed.positions[1] = squeezed.positions[0] + [0.0, 1.0, 0.0]
+    assert physical_rejection(squeezed, cfg()).startswith("min_distance")
+    assert physical_rejection(squeezed, cfg(covalent_fraction=0.3)) is None
+    assert [a.info["step"] for a in select_frames([squeezed], cfg(covalent_fraction=0.3)).frames] == [5]
+    sheared = frame(0.2, step=6, seed=6)  # gamma = 84.3 degrees
+    sheared.set_cell([[3.61, 0, 0], [0.36, 3.59, 0], [0, 0, 3.61]], scale_atoms=True)
+    assert physical_rejection(sheared, cfg()) is None
+    assert physical_rejection(sheared, cfg(cell_angles=(88.0, 92.0))).startswith("cell_angles")
+    assert select_frames([sheared], cfg(cell_angles=(88.0, 92.0))).frames == []
+    assert physical_rejection(frame(0.2, seed=0), cfg(volume_per_atom=(20.0, 30.0))).startswith("cell_volume")
+
+
+@pytest.mark.parametrize("field, value", [("volume_per_atom", (5.0, 2.0)), ("cell_angles", (10.0, 200.0)),
+                                          ("covalent_fraction", -0.1), ("dataset_distance", -1.0)])
+def test_bad_filter_levels_name_the_field(field, value):
+    with pytest.raises(ValidationError, match=field):
+        SelectionConfig(**{field: value})
 
 
 def test_descriptor_invariances():
