@@ -19,7 +19,9 @@ Recipe (``train_potential``):
   epoch and the final metrics run past it.
 * Warm start (``init_from``, same architecture/hparams/species/cutoff): weights and the
   E0/scale/shift buffers are copied and kept (not refitted), because the network was
-  trained against them; only the optimiser starts afresh.
+  trained against them; only the optimiser starts afresh. The best checkpoint is chosen
+  among the trained epochs (≥ 1): the warm-start weights themselves never win, so new
+  labels are never discarded because the old validation frames liked the old model.
 * Non-finite loss, gradient norm or validation loss: training stops, the model gets the
   last good (best) weights back, ``out_dir/best.pt`` keeps them, and
   ``TrainingDivergedError`` is raised.
@@ -282,7 +284,10 @@ def _fit(
     initial_loss, m0 = validate()
     if not math.isfinite(initial_loss):
         raise TrainingError(f"{desc}: the initial validation loss is {initial_loss}; check the model and the labels")
-    best_loss, best_epoch, best_state = initial_loss, 0, keep_best()
+    # a fresh model's initial weights may be kept (nothing better found); a warm-started model's may not: they
+    # have not seen the new labels, which in active learning sit where the model is wrong and rarely in the
+    # (content-split) validation set, so its validation loss often rises first and "best" would discard them
+    best_loss, best_epoch, best_state = (math.inf if warm else initial_loss), 0, keep_best()
     history = [{"epoch": 0, "train_loss": None, "valid_loss": initial_loss,
                 "valid_forces_rmse": m0["forces_rmse"], "lr": config.lr, "seconds": time.perf_counter() - start}]
     stop_reason, bad_epochs, epoch = "max_epochs", 0, 0

@@ -116,6 +116,28 @@ def test_warm_start_begins_below_scratch(frames, trained, tmp_path):
         train_potential(other, frames[:30], frames[30:], cfg, device="cpu", progress=False, init_from=model)
 
 
+def test_warm_start_never_keeps_the_untrained_weights(frames, trained):
+    """New labels that make the old validation frames worse must still be learnt, not discarded.
+
+    The new training frames carry forces ×3 (a different "oracle"): training on them can only raise the
+    loss on the old validation frames, so the warm-start weights are the best on validation. Early
+    stopping must still return trained weights (best epoch >= 1), never the untouched previous model.
+    """
+    model, _, _ = trained
+    shifted = []
+    for atoms in frames[:8]:
+        atoms = atoms.copy()
+        atoms.arrays[REF_FORCES] = 3.0 * atoms.arrays[REF_FORCES]
+        shifted.append(atoms)
+    warm = small_schnet(seed=7)
+    result = train_potential(warm, shifted, frames[30:], config(epochs=3, patience=1), device="cpu",
+                             progress=False, init_from=model)
+    assert result.best_valid_loss > result.initial_valid_loss  # the scenario: the old weights were best
+    assert result.best_epoch >= 1
+    changed = [not torch.equal(a, b) for a, b in zip(warm.state_dict().values(), model.state_dict().values())]
+    assert any(changed)
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(frames, tmp_path):
     model = small_schnet()
     with pytest.raises(TrainingDivergedError, match="diverged") as info:
