@@ -203,7 +203,8 @@ def edge_vectors(positions: Any, cell: Any, i: Any, j: Any, S: Any, batch: Any |
             offset = torch.einsum("ek,ekx->ex", shifts, cell_per_edge)
         else:
             offset = shifts @ cell
-        return positions[j] - positions[i] + offset
+        # index_select, not positions[j]: its backward (index_add) is ~2x faster on the CPU
+        return positions.index_select(0, j) - positions.index_select(0, i) + offset
     shifts = np.asarray(S, dtype=positions.dtype)
     if np.ndim(cell) == 3:
         offset = np.einsum("ek,ekx->ex", shifts, np.asarray(cell)[np.asarray(batch)[i]])

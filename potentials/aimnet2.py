@@ -41,7 +41,7 @@ from torch import nn
 from alflow import keys
 from alflow.neighbors import edge_vectors
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, GaussianRBF, mlp, scatter_sum
+from potentials.layers import CosineCutoff, GaussianRBF, gather, mlp, scatter_sum
 
 CHARGE = keys.CHARGE  # batch key: (B,) total charge per structure in e (absent = neutral)
 COULOMB_CONSTANT = 14.399645  # e²/(4πε₀) in eV·Å
@@ -69,7 +69,7 @@ def dsf_coulomb(
     erfc_rc = math.erfc(alpha * rc)
     slope = erfc_rc / rc**2 + 2.0 * alpha / math.sqrt(math.pi) * math.exp(-((alpha * rc) ** 2)) / rc
     pair = torch.erfc(alpha * d) / d - erfc_rc / rc + slope * (d - rc)
-    e_pair = 0.5 * COULOMB_CONSTANT * q[idx_i] * q[idx_j] * pair
+    e_pair = 0.5 * COULOMB_CONSTANT * gather(q, idx_i) * gather(q, idx_j) * pair
     self_term = COULOMB_CONSTANT * (erfc_rc / (2.0 * rc) + alpha / math.sqrt(math.pi)) * q**2
     return scatter_sum(e_pair, idx_i, q.shape[0]) - self_term
 
@@ -92,7 +92,7 @@ class RadialVectorConv(nn.Module):
         self, x: torch.Tensor, g: torch.Tensor, direction: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor
     ) -> torch.Tensor:
         n = x.shape[0]
-        x_j = x[idx_j]  # (E, C)
+        x_j = gather(x, idx_j)  # (E, C)
         radial = scatter_sum(x_j[:, :, None] * g[:, None, :], idx_i, n)  # (N, C, G)
         coef = torch.einsum("eg,cgh->ech", g, self.combination) * x_j[:, :, None]  # (E, C, H)
         vector = scatter_sum(coef[..., None] * direction[:, None, None, :], idx_i, n)  # (N, C, H, 3)

@@ -48,7 +48,7 @@ from torch import nn
 from alflow import keys
 from alflow.neighbors import edge_vectors
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, mlp, scatter_sum
+from potentials.layers import CosineCutoff, gather, mlp, scatter_sum
 from potentials.triplets import triplets, union_over_vmap
 
 
@@ -102,7 +102,7 @@ class AEV(nn.Module):
         d = torch.linalg.vector_norm(vectors, dim=-1)
         # radial: (E, n_radial) summed into (N, n_species, n_radial)
         radial = 0.25 * torch.exp(-self.radial_eta * (d[:, None] - self.radial_shifts) ** 2) * self.radial_fc(d)[:, None]
-        radial = scatter_sum(radial, idx_i * self.n_species + species[idx_j], n_atoms * self.n_species)
+        radial = scatter_sum(radial, idx_i * self.n_species + gather(species, idx_j), n_atoms * self.n_species)
         # angular: unordered pairs of distinct edges around each centre, both within R_ca
         # inside a committee's vmap the selection is the union over members (same geometry); f_c is exact per member
         a, b = triplets(edge_index, n_atoms, union_over_vmap(d < self.angular_cutoff), ordered=False)

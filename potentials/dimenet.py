@@ -39,7 +39,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import PolynomialCutoff, dense, scatter_sum
+from potentials.layers import PolynomialCutoff, dense, gather, scatter_sum
 
 # spherical Bessel functions: power series below this argument, upward recurrence above (|error| < 1e-6 in float32)
 _SERIES_BELOW = 4.5
@@ -220,7 +220,7 @@ class EmbeddingBlock(nn.Module):
 
     def forward(self, species: torch.Tensor, rbf: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor) -> torch.Tensor:
         h = self.embedding(species)
-        return self.act(self.lin(torch.cat([h[idx_i], h[idx_j], self.act(self.lin_rbf(rbf))], dim=-1)))
+        return self.act(self.lin(torch.cat([gather(h, idx_i), gather(h, idx_j), self.act(self.lin_rbf(rbf))], dim=-1)))
 
 
 class InteractionPPBlock(nn.Module):

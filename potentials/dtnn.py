@@ -27,7 +27,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, GaussianRBF, dense, mlp, scatter_sum
+from potentials.layers import CosineCutoff, GaussianRBF, dense, gather, mlp, scatter_sum
 
 
 class DTNNInteraction(nn.Module):
@@ -43,7 +43,7 @@ class DTNNInteraction(nn.Module):
         self, c: torch.Tensor, rbf: torch.Tensor, fcut: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor
     ) -> torch.Tensor:
         """The update Σ_j v_ij (N, n_atom_basis) for features c (N, n_atom_basis)."""
-        factors = self.atom_to_factor(c)[idx_j] * self.rbf_to_factor(rbf)
+        factors = gather(self.atom_to_factor(c), idx_j) * self.rbf_to_factor(rbf)
         v = torch.tanh(self.factor_to_atom(factors)) * fcut[:, None]
         return scatter_sum(v, idx_i, c.shape[0])
 

@@ -144,6 +144,12 @@ class ShiftedSoftplus(nn.Module):
         return shifted_softplus(x)
 
 
+def gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index] along the first dimension (``index_select``: its backward is ``index_add``,
+    ~2x faster on the CPU than the accumulating ``index_put`` of advanced indexing)."""
+    return src.index_select(0, index)
+
+
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """out[k] = Σ_{e: index[e] = k} src[e] along the first dimension; out has ``dim_size`` rows."""
     out = torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device)

@@ -23,7 +23,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import BesselRBF, CosineCutoff, dense, mlp, scatter_sum
+from potentials.layers import BesselRBF, CosineCutoff, dense, gather, mlp, scatter_sum
 
 
 class PaiNNMessage(nn.Module):
@@ -43,9 +43,9 @@ class PaiNNMessage(nn.Module):
         idx_i: torch.Tensor,
         idx_j: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.phi(s)[idx_j] * filters
+        x = gather(self.phi(s), idx_j) * filters
         x_s, x_vv, x_vs = torch.split(x, self.n_atom_basis, dim=-1)
-        dv = v[idx_j] * x_vv[:, None, :] + x_vs[:, None, :] * direction[:, :, None]
+        dv = gather(v, idx_j) * x_vv[:, None, :] + x_vs[:, None, :] * direction[:, :, None]
         n = s.shape[0]
         return s + scatter_sum(x_s, idx_i, n), v + scatter_sum(dv, idx_i, n)
 

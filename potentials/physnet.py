@@ -38,7 +38,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import ExponentialRBF, PolynomialCutoff, dense, scatter_sum, shifted_softplus
+from potentials.layers import ExponentialRBF, PolynomialCutoff, dense, gather, scatter_sum, shifted_softplus
 
 COULOMB_CONSTANT = 14.399645  # eV Å / e², 1 / (4 π ε0)
 TOTAL_CHARGE = keys.CHARGE  # optional batch key: (B,) total charge of each structure, in e
@@ -73,7 +73,7 @@ class PhysNetInteraction(nn.Module):
         a = shifted_softplus(x)
         own = shifted_softplus(self.dense_i(a))
         neighbours = shifted_softplus(self.dense_j(a))
-        m = own + scatter_sum(self.attention(rbf) * neighbours[idx_j], idx_i, x.shape[0])
+        m = own + scatter_sum(self.attention(rbf) * gather(neighbours, idx_j), idx_i, x.shape[0])
         m = self.residual_interaction(m)
         x = self.gate * x + self.update(shifted_softplus(m))
         return self.residual_atomic(x)
@@ -179,7 +179,7 @@ class PhysNet(Potential):
         chi = self.switch_fn(d)
         pair = chi * shifted(torch.sqrt(d**2 + 1.0)) + (1.0 - chi) * shifted(d)
         pair = pair * (d < rc).to(d.dtype)
-        return scatter_sum(0.5 * COULOMB_CONSTANT * q[idx_i] * q[idx_j] * pair, idx_i, q.shape[0])
+        return scatter_sum(0.5 * COULOMB_CONSTANT * gather(q, idx_i) * gather(q, idx_j) * pair, idx_i, q.shape[0])
 
     def partial_charges(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Charge-conserving partial charges (N,) in e of a batch (needs ``charges=True``)."""

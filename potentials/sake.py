@@ -39,7 +39,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, ExponentialRBF, dense, mlp, scatter_sum
+from potentials.layers import CosineCutoff, ExponentialRBF, dense, gather, mlp, scatter_sum
 
 
 def neighbourhood_softmax(logits: torch.Tensor, idx_i: torch.Tensor, n_nodes: int) -> torch.Tensor:
@@ -51,8 +51,8 @@ def neighbourhood_softmax(logits: torch.Tensor, idx_i: torch.Tensor, n_nodes: in
     index = idx_i[:, None].expand_as(logits)
     empty = torch.zeros((n_nodes, logits.shape[1]), dtype=logits.dtype, device=logits.device)
     peak = empty.scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=False)
-    weights = torch.exp(logits - peak[idx_i])
-    return weights / scatter_sum(weights, idx_i, n_nodes)[idx_i]
+    weights = torch.exp(logits - gather(peak, idx_i))
+    return weights / gather(scatter_sum(weights, idx_i, n_nodes), idx_i)
 
 
 class SAKELayer(nn.Module):
@@ -81,7 +81,7 @@ class SAKELayer(nn.Module):
         idx_j: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge features e_ij (E, F) and attention weights a_ij (E, H), normalised over each centre's neighbours."""
-        h_cat = torch.cat([h[idx_i], h[idx_j]], dim=-1)
+        h_cat = torch.cat([gather(h, idx_i), gather(h, idx_j)], dim=-1)
         e = self.edge_mlp(torch.cat([h_cat, rbf * self.filter_in(h_cat), d[:, None]], dim=-1))
         # log f_cut, finite for pairs at (or numerically past) the cutoff: their weight underflows to 0
         log_cut = torch.log(cut.clamp_min(torch.finfo(cut.dtype).tiny))

@@ -23,7 +23,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, GaussianRBF, ShiftedSoftplus, dense, mlp, scatter_sum
+from potentials.layers import CosineCutoff, GaussianRBF, ShiftedSoftplus, dense, gather, mlp, scatter_sum
 
 
 class SchNetInteraction(nn.Module):
@@ -40,7 +40,7 @@ class SchNetInteraction(nn.Module):
     ) -> torch.Tensor:
         """The update v (N, n_atom_basis) for features x (N, n_atom_basis)."""
         filters = self.filter_network(rbf) * fcut[:, None]
-        messages = self.in2f(x)[idx_j] * filters
+        messages = gather(self.in2f(x), idx_j) * filters
         return self.f2out(scatter_sum(messages, idx_i, x.shape[0]))
 
 

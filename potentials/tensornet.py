@@ -33,7 +33,7 @@ from torch import nn
 
 from alflow import keys
 from potentials.base import Potential
-from potentials.layers import CosineCutoff, ExponentialRBF, dense, mlp, scatter_sum
+from potentials.layers import CosineCutoff, ExponentialRBF, dense, gather, mlp, scatter_sum
 
 GROUPS = ("O(3)", "SO(3)")
 
@@ -90,7 +90,7 @@ class TensorEmbedding(nn.Module):
     ) -> torch.Tensor:
         n, f = species.shape[0], self.hidden
         z = self.embedding(species)
-        z_ij = self.pair(torch.cat([z[idx_i], z[idx_j]], dim=-1))  # (E, F)
+        z_ij = self.pair(torch.cat([gather(z, idx_i), gather(z, idx_j)], dim=-1))  # (E, F)
         w = (self.radial(rbf) * fcut[:, None]).reshape(-1, 3, f) * z_ij[:, None, :]  # (E, 3, F)
         eye = torch.eye(3, dtype=unit.dtype, device=unit.device)
         outer = unit[:, :, None] * unit[:, None, :] - eye / 3.0  # (E, 3, 3) symmetric traceless
@@ -127,8 +127,8 @@ class TensorInteraction(nn.Module):
         Y = I + A + S
         # messages per component: scalar of I, antisymmetric A, symmetric traceless S of the neighbour
         m_i = scatter_sum(f[..., 0] * I[idx_j, :, 0, 0], idx_i, n)
-        m_a = scatter_sum(f[..., 1, None, None] * A[idx_j], idx_i, n)
-        m_s = scatter_sum(f[..., 2, None, None] * S[idx_j], idx_i, n)
+        m_a = scatter_sum(f[..., 1, None, None] * gather(A, idx_j), idx_i, n)
+        m_s = scatter_sum(f[..., 2, None, None] * gather(S, idx_j), idx_i, n)
         eye = torch.eye(3, dtype=X.dtype, device=X.device)
         M = m_i[..., None, None] * eye + m_a + m_s
         P = M @ Y + Y @ M if self.group == "O(3)" else 2.0 * (Y @ M)
