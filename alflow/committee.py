@@ -49,6 +49,7 @@ __all__ = [
     "scores",
     "fit_alpha",
     "calibrate_committee",
+    "calibrate_if_enough",
     "CALIBRATION_TARGETS",
 ]
 
@@ -232,3 +233,24 @@ def calibrate_committee(
     alpha = fit_alpha(np.concatenate(sigmas), np.concatenate(errors), len(committee.members) if small_k_correction else None)
     committee.set_alpha(alpha)
     return alpha
+
+
+def calibrate_if_enough(committee: Any, frames: Sequence[Atoms], min_frames: int = 5) -> tuple[float, str | None]:
+    """α from validation ``frames`` (forces) when there are at least ``min_frames``; else α = 1 and the reason.
+
+    One or two validation frames (a young active-learning dataset) give wild factors (α = 15
+    from 1 frame, 2.1 from the next, 3.9 from 2 in one Cu run), which rescale every deviation the
+    selection compares with its trust levels. A data problem (members agreeing exactly) also
+    leaves α = 1 with the reason instead of raising. Returns (α, note or None); α is stored on
+    ``committee``.
+    """
+    frames = list(frames)
+    if len(frames) < int(min_frames):
+        committee.set_alpha(1.0)
+        return 1.0, (f"calibration skipped: {len(frames)} validation frame(s), fewer than "
+                     f"committee.calibration_min_frames = {int(min_frames)}; alpha = 1")
+    try:
+        return calibrate_committee(committee, frames), None
+    except ValueError as err:
+        committee.set_alpha(1.0)
+        return 1.0, f"calibration skipped: {err}; alpha = 1"

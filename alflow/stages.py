@@ -124,7 +124,7 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     import torch
 
     import potentials
-    from alflow.committee import calibrate_committee
+    from alflow.committee import calibrate_if_enough
     from alflow.data import Dataset
     from alflow.keys import FRAME_HASH
     from alflow.train import train_committee
@@ -144,10 +144,9 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     alpha, note = 1.0, None
     if cfg.committee.calibrate:
         committee.eval()
-        try:
-            alpha = calibrate_committee(committee, [frames[k] for k in result.valid_idx])
-        except ValueError as err:  # e.g. members agreeing exactly somewhere: keep alpha = 1
-            note = f"calibration skipped: {err}"
+        alpha, note = calibrate_if_enough(committee, [frames[k] for k in result.valid_idx],
+                                          cfg.committee.calibration_min_frames)
+        if note:
             log.warning("iteration %s: %s", iteration, note)
     potentials.save(committee, out / "committee.pt")
     metrics = {split: {k: m[k] for k in _METRIC_KEYS if m.get(k) is not None} for split, m in result.metrics.items()}

@@ -4,7 +4,8 @@ Reads the run configuration (``potential``, ``committee``, ``training``, ``seed`
 ``execution.device``), the dataset (a dataset directory or any labelled file
 ``alflow.io.read_frames`` reads; default ``system.initial_dataset``), builds the
 committee (``potentials.committee.Committee.build``; ``potential.checkpoint`` warm-starts
-it), trains every member (``alflow.train.train_committee``) and writes
+it), trains every member (``alflow.train.train_committee``), calibrates α on the validation
+frames when ``committee.calibrate`` (``alflow.committee.calibrate_if_enough``) and writes
 ``OUT/committee.pt``, ``OUT/metrics.json`` and ``OUT/member_<k>/{best.pt,metrics.json}``
 (OUT default: ``<run_dir>/train``). Prints a table of errors per member and for the
 committee mean. Bad input prints one line to stderr and exits 2; divergence exits 1.
@@ -90,6 +91,14 @@ def _run(args: argparse.Namespace) -> int:
                              seed=cfg.seed, out_dir=out, progress=not args.quiet, init_from=init_from)
     print(summary_table(result))
     print(f"split: {len(result.train_idx)} train / {len(result.valid_idx)} valid / {len(result.test_idx)} test")
+    if cfg.committee.calibrate:
+        from alflow.committee import calibrate_if_enough
+
+        committee.eval()
+        alpha, note = calibrate_if_enough(committee, [frames[k] for k in result.valid_idx],
+                                          cfg.committee.calibration_min_frames)
+        potentials.save(committee, out / "committee.pt")
+        print(note or f"calibration: alpha = {alpha:.3g} on {len(result.valid_idx)} validation frame(s), stored")
     print(f"wrote {result.checkpoint} and {result.metrics_path}")
     return 0
 

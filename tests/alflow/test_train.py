@@ -242,5 +242,10 @@ def test_cli_train_end_to_end(frames, tmp_path, capsys):
     assert len(committee.members) == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["valid"]["n_frames"] == 3 and len(metrics["members"]) == 2
+    assert "calibration skipped: 3 validation frame(s)" in text and float(committee.alpha) == 1.0
+    cfg.write_text(cfg.read_text().replace("committee: {size: 2}", "committee: {size: 2, calibration_min_frames: 3}"))
+    assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert "calibration: alpha = " in capsys.readouterr().out
+    assert float(potentials.load(out / "committee.pt", device="cpu").alpha) != pytest.approx(1.0, rel=1e-3)
     assert main(["train", str(cfg), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     assert "no dataset" in capsys.readouterr().err

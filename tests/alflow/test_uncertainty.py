@@ -164,3 +164,16 @@ def test_calibrate_committee_on_emt_frames(emt_frames, target):
     assert alpha != pytest.approx(1.0, rel=1e-3)  # the calibration did something
     with pytest.raises(ValueError, match="target"):
         cm.calibrate_committee(committee, emt_frames, target="stress")
+
+
+def test_calibrate_if_enough_needs_enough_validation_frames(emt_frames):
+    """Too few validation frames leave α = 1 with the reason; enough give calibrate_committee's α."""
+    committee = Committee.build("schnet", 4, ["Cu"], 4.0, seed=0, n_atom_basis=8, n_filters=8, n_interactions=1)
+    committee.double().eval()
+    committee.set_alpha(3.0)  # a previous value must not survive a skipped calibration
+    alpha, note = cm.calibrate_if_enough(committee, emt_frames[:2], min_frames=3)
+    assert alpha == 1.0 and float(committee.alpha) == 1.0
+    assert "2 validation frame(s)" in note and "calibration_min_frames = 3" in note
+    alpha, note = cm.calibrate_if_enough(committee, emt_frames[:3], min_frames=3)
+    assert note is None and alpha != pytest.approx(1.0, rel=1e-3)
+    assert alpha == pytest.approx(cm.calibrate_committee(committee, emt_frames[:3]), rel=1e-12)
