@@ -119,3 +119,13 @@ def test_missing_file_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="missing.pt"):
         potentials.load(tmp_path / "missing.pt", device="cpu")
 
+
+
+def test_docs_list_every_architecture():
+    """docs/potentials.md has a table row for every registered architecture (and none that is gone)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "potentials.md").read_text()
+    rows = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.MULTILINE))
+    assert rows == set(potentials.available())
