@@ -235,14 +235,14 @@ def calibrate_committee(
     return alpha
 
 
-def calibrate_if_enough(committee: Any, frames: Sequence[Atoms], min_frames: int = 5) -> tuple[float, str | None]:
+def calibrate_if_enough(committee: Any, frames: Sequence[Atoms], min_frames: int = 1) -> tuple[float, str | None]:
     """α from validation ``frames`` (forces) when there are at least ``min_frames``; else α = 1 and the reason.
 
-    One or two validation frames (a young active-learning dataset) give wild factors (α = 15
-    from 1 frame, 2.1 from the next, 3.9 from 2 in one Cu run), which rescale every deviation the
-    selection compares with its trust levels. A data problem (members agreeing exactly) also
-    leaves α = 1 with the reason instead of raising. Returns (α, note or None); α is stored on
-    ``committee``.
+    A data problem (members agreeing exactly) also leaves α = 1 with the reason instead of
+    raising. Returns (α, note or None); α is stored on ``committee``. The loop's default is
+    ``min_frames = 1``: α from one or two frames is noisy, but α = 1 is worse — small, young
+    committees are overconfident by factors of 2–15, and an uncalibrated one declares itself
+    accurate too early (docs/uncertainty.md).
     """
     frames = list(frames)
     if len(frames) < int(min_frames):

@@ -159,7 +159,7 @@ class CommitteeConfig(_Model):
     bootstrap: bool = Field(False, description="Train each member on a bootstrap resample of the training set.")
     calibrate: bool = Field(True, description="Rescale the committee spread on the validation set (uncertainty calibration).")
     calibration_min_frames: int = Field(
-        5, ge=1, description="Calibrate only with at least this many validation frames; fewer leave alpha = 1.")
+        1, ge=1, description="Calibrate only with at least this many validation frames; fewer leave alpha = 1.")
 
 
 class TrainingConfig(_Model):

@@ -231,7 +231,7 @@ def test_cli_train_end_to_end(frames, tmp_path, capsys):
           architecture: schnet
           cutoff: {CUTOFF}
           hparams: {json.dumps(HPARAMS)}
-        committee: {{size: 2}}
+        committee: {{size: 2, calibration_min_frames: 4}}
         training: {{epochs: 2, batch_size: 4, valid_fraction: 0.25}}
         """))
     out = tmp_path / "out"
@@ -243,7 +243,7 @@ def test_cli_train_end_to_end(frames, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["valid"]["n_frames"] == 3 and len(metrics["members"]) == 2
     assert "calibration skipped: 3 validation frame(s)" in text and float(committee.alpha) == 1.0
-    cfg.write_text(cfg.read_text().replace("committee: {size: 2}", "committee: {size: 2, calibration_min_frames: 3}"))
+    cfg.write_text(cfg.read_text().replace("calibration_min_frames: 4", "calibration_min_frames: 3"))
     assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     assert "calibration: alpha = " in capsys.readouterr().out
     assert float(potentials.load(out / "committee.pt", device="cpu").alpha) != pytest.approx(1.0, rel=1e-3)
