@@ -13,6 +13,14 @@ once, outside the timings, so the table measures the networks only. Each variant
 timed in the same process, interleaved round by round; the table reports the best of
 ``--repeats`` rounds (each round ≥ 0.3 s of calls) and, as a noise figure, the median
 over the best. Threads: ``torch.set_num_threads`` (default: every core torch sees).
+
+The last columns bound what any batching can reach. What K members of one architecture
+can share is the geometry: the edge vectors, the distances and, for architectures whose
+radial basis and cutoff are fixed buffers (SchNet, PaiNN), the basis and cutoff values,
+with their backward pass to the positions. Everything else runs on each member's own
+weights. Timing that shared part alone (``shared``, s = shared / one model) gives the
+Amdahl bound of a committee that computes it once and the rest K times with the same
+efficiency as one model: s + K (1 - s) times one model.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from ase.build import bulk
 
 from alflow import keys
 from alflow.graph import atoms_to_batch
+from alflow.neighbors import edge_vectors
 from potentials.base import compute_properties
 from potentials.committee import Committee
 
@@ -55,11 +64,31 @@ def cu_batch(n_atoms: int) -> dict[str, torch.Tensor]:
     return atoms_to_batch(atoms, CUTOFF, dtype=torch.float32)
 
 
+def shared_geometry(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], object]:
+    """The part of energy+forces that K members could share: geometry (+ fixed radial basis), forward and backward."""
+    idx_i, idx_j = batch[keys.EDGE_INDEX]
+    basis = [m for m in (getattr(model, "radial_basis", None), getattr(model, "cutoff_fn", None)) if m is not None]
+
+    def fn() -> object:
+        positions = batch[keys.POSITIONS].detach().requires_grad_(True)
+        vectors = edge_vectors(positions, batch[keys.CELL], idx_i, idx_j, batch[keys.SHIFTS], batch[keys.BATCH])
+        d = torch.linalg.vector_norm(vectors, dim=-1)
+        outputs = [d] + [b(d) for b in basis]
+        return torch.autograd.grad([o.sum() for o in outputs], positions)
+
+    return fn
+
+
 def run(arch: str, sizes: list[int], repeats: int) -> list[str]:
     committee = Committee.build(arch, K, ["Cu"], CUTOFF, seed=0).float().eval()
     committee.vectorize = True  # the batched vmap pass (the CPU default, "auto", is the loop)
     looped = Committee(list(committee.members), vectorize=False).eval()  # same members, sequential path
     one = committee.members[0]
+    vmap_default = Committee(list(committee.members)).vectorized  # what vectorize="auto" picks on this device
+
+    def mark(ratio: float, default: bool) -> str:
+        return f"**{ratio:.2f}×**" if default else f"{ratio:.2f}×"
+
     rows = []
     for n in sizes:
         batch = cu_batch(n)
@@ -68,6 +97,7 @@ def run(arch: str, sizes: list[int], repeats: int) -> list[str]:
             f"{K} sequential": lambda: [compute_properties(m, batch, forces=True) for m in committee.members],
             "committee (vmap)": lambda: committee(batch, forces=True),
             "committee (loop)": lambda: looped(batch, forces=True),
+            "shared": shared_geometry(one, batch),
         }
         # exactness check of the batched path in this very run (float32)
         out = committee(batch, forces=True)
@@ -81,11 +111,13 @@ def run(arch: str, sizes: list[int], repeats: int) -> list[str]:
                 samples[name].append(timed(fn))
         best = {name: min(s) for name, s in samples.items()}
         noise = {name: statistics.median(s) / min(s) for name, s in samples.items()}
-        t1, tk, tc, tl = (best[name] for name in variants)
+        t1, tk, tc, tl, ts = (best[name] for name in variants)
+        share = ts / t1
+        bound = share + K * (1 - share)
         rows.append(
             f"| {arch} | {n} | {batch[keys.EDGE_INDEX].shape[1]} | {t1 * 1e3:.1f} | {tk * 1e3:.1f} | {tc * 1e3:.1f} "
-            f"| {tl * 1e3:.1f} | {tk / t1:.2f}× | **{tc / t1:.2f}×** | {tl / t1:.2f}× | {err:.1e} "
-            f"| {' / '.join(f'{noise[name]:.2f}' for name in variants)} |"
+            f"| {tl * 1e3:.1f} | {tk / t1:.2f}× | {mark(tc / t1, vmap_default)} | {mark(tl / t1, not vmap_default)} | {err:.1e} "
+            f"| {' / '.join(f'{noise[name]:.2f}' for name in variants)} | {ts * 1e3:.2f} ({share:.1%}) | {bound:.2f}× |"
         )
         print(rows[-1], flush=True)
     if not committee.vectorized:
@@ -111,8 +143,9 @@ def main() -> None:
     header = (
         "| model | atoms | edges | one model (ms) | 4 sequential calls (ms) | committee vmap (ms) "
         "| committee loop (ms) | sequential / one | vmap / one | loop / one | max abs ΔF vmap vs member (eV/Å) "
-        "| noise: median/best (one / seq / vmap / loop) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| noise: median/best (one / seq / vmap / loop / shared) | shared part (ms, share of one) "
+        f"| Amdahl bound, K={K} |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     print(header, flush=True)
     for arch in args.archs:
