@@ -74,9 +74,6 @@ PREDICTED_FORCES_KEYS = (PRED_FORCES, "committee_mean_forces", "mean_forces", "f
 DESCRIPTOR_CUTOFF = 5.0  # Å
 DESCRIPTOR_GRID = np.linspace(0.5, DESCRIPTOR_CUTOFF, 19)  # Å, Gaussian centres
 DESCRIPTOR_SIGMA = 0.25  # Å
-# defaults of the physical filters and the near-duplicate radius: SelectionConfig's (docs/labelling.md)
-COVALENT_FRACTION: float = SelectionConfig.model_fields["covalent_fraction"].default
-DATASET_DISTANCE: float = SelectionConfig.model_fields["dataset_distance"].default
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
 
 
@@ -167,20 +164,14 @@ def _cell_angles(cell: np.ndarray) -> np.ndarray:
 def physical_rejection(
     atoms: Atoms,
     cfg: SelectionConfig,
-    volume_per_atom: tuple[float, float] | None = None,
-    cell_angles: tuple[float, float] | None = None,
-    covalent_fraction: float | None = None,
 ) -> str | None:
-    """Why ``atoms`` must not be sent to the oracle, or None when it passes the physical filters.
-
-    The keyword filters default to ``cfg``'s fields of the same name.
+    """Why ``atoms`` must not be sent to the oracle, or None when it passes the physical filters
+    (levels: ``cfg.volume_per_atom``, ``cfg.cell_angles``, ``cfg.covalent_fraction``, ...).
 
     A pair is too close below max(``min_interatomic_distance``, ``covalent_fraction`` x
     (r_cov,i + r_cov,j)) (ASE covalent radii; e.g. Si-Si 1.11 Å, Cu-Cu 1.32 Å, H-H 0.31 Å at 0.5).
     """
-    volume_per_atom = cfg.volume_per_atom if volume_per_atom is None else volume_per_atom
-    cell_angles = cfg.cell_angles if cell_angles is None else cell_angles
-    covalent_fraction = cfg.covalent_fraction if covalent_fraction is None else covalent_fraction
+    volume_per_atom, cell_angles, covalent_fraction = cfg.volume_per_atom, cfg.cell_angles, cfg.covalent_fraction
     if not np.all(np.isfinite(atoms.positions)) or not np.all(np.isfinite(np.asarray(atoms.cell))):
         return "non_finite: positions or cell contain NaN/inf"
     pbc = np.asarray(atoms.pbc, dtype=bool)
@@ -296,23 +287,15 @@ def select_frames(
     *,
     seed: int = 0,
     budget: int | None = None,
-    dataset_distance: float | None = None,
-    volume_per_atom: tuple[float, float] | None = None,
-    cell_angles: tuple[float, float] | None = None,
-    covalent_fraction: float | None = None,
 ) -> Selection:
     """Choose frames to label (module docstring). ``dataset``: a ``Dataset``, a list of frames, a set of
     content hashes (``Dataset.hashes``; exact duplicates only), or None.
 
     ``budget`` overrides ``config.max_per_iteration`` (e.g. give the random
-    baseline the number the committee strategy selected). The filter keywords, when given,
-    override the config's fields of the same name.
+    baseline the number the committee strategy selected).
     """
     cfg = config or SelectionConfig()
-    dataset_distance = cfg.dataset_distance if dataset_distance is None else float(dataset_distance)
-    volume_per_atom = tuple(cfg.volume_per_atom if volume_per_atom is None else volume_per_atom)
-    cell_angles = tuple(cfg.cell_angles if cell_angles is None else cell_angles)
-    covalent_fraction = cfg.covalent_fraction if covalent_fraction is None else float(covalent_fraction)
+    dataset_distance = cfg.dataset_distance
     budget = cfg.max_per_iteration if budget is None else int(budget)
     items = _flatten(trajectories)
     ds_hashes, ds_frames = _dataset_view(dataset, cfg.strategy == "committee" and cfg.diversity == "fps")
@@ -355,7 +338,7 @@ def select_frames(
             n_duplicate += 1
             continue
         seen.add(h)
-        why = physical_rejection(items[k][0], cfg, volume_per_atom, cell_angles, covalent_fraction)
+        why = physical_rejection(items[k][0], cfg)
         if why is not None:
             per_walker[items[k][1]]["filtered"] += 1
             reject(k, why)

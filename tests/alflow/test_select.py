@@ -170,7 +170,7 @@ def test_physical_filters_reject_with_reasons():
     assert reasons[4].startswith("cell_angles")
     assert sel.summary["n_filtered"] == 5 and sel.summary["rejections"]["min_distance"] == 2
     assert physical_rejection(good, cfg()) is None
-    assert physical_rejection(squeezed, cfg(), covalent_fraction=0.3) is None  # absolute 0.6 Å floor only
+    assert physical_rejection(squeezed, cfg(covalent_fraction=0.3)) is None  # absolute 0.6 Å floor only
     nan = good.copy()
     nan.positions[0, 0] = np.nan
     assert physical_rejection(nan, cfg()).startswith("non_finite")
