@@ -48,9 +48,10 @@ CUTOFF = 5.0
 def timed(fn: Callable[[], object], min_time: float = 0.3) -> float:
     """Mean wall time (s) of ``fn`` over one round of ≥ ``min_time`` seconds, after one untimed call.
 
-    The untimed call matters for large cells: the first call after another variant ran pays for
-    page faults of freshly allocated memory (the vmap variant needs K times more), which made
-    one 2,048-atom SchNet call look 1.5x slower than each of four calls in a row.
+    The untimed call is there because at 2,048 atoms and 2 threads one SchNet call measured
+    1.5x slower than each of four calls in a row (suspected cause, not verified: first-touch
+    costs of memory freed by the previous variant). It narrowed that gap (to 1.3x in the next
+    run) without closing it; docs/benchmarks.md records the 1-thread table for that reason.
     """
     fn()
     n, start = 0, time.perf_counter()
