@@ -203,7 +203,7 @@ def edge_vectors(positions: Any, cell: Any, i: Any, j: Any, S: Any, batch: Any |
             offset = torch.einsum("ek,ekx->ex", shifts, cell_per_edge)
         else:
             offset = shifts @ cell
-        # index_select, not positions[j]: its backward (index_add) is ~2x faster on the CPU
+        # index_select, not positions[j]: its backward (index_add) is 1.06-2x faster on the CPU (gather + backward alone)
         return positions.index_select(0, j) - positions.index_select(0, i) + offset
     shifts = np.asarray(S, dtype=positions.dtype)
     if np.ndim(cell) == 3:

@@ -146,7 +146,7 @@ class ShiftedSoftplus(nn.Module):
 
 def gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """src[index] along the first dimension (``index_select``: its backward is ``index_add``,
-    ~2x faster on the CPU than the accumulating ``index_put`` of advanced indexing)."""
+    1.06-2x faster on the CPU than the accumulating ``index_put`` of advanced indexing, gather + backward alone)."""
     return src.index_select(0, index)
 
 
