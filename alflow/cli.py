@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from alflow.errors import AlflowError
+
 # name -> (module under alflow.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "check a run configuration (YAML) and report every error with its field path"),
@@ -60,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except AlflowError as err:  # every error a user can fix: its message, no traceback
+        print(f"alflow {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

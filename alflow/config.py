@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from alflow.errors import InputError
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
 BUILTIN_ORACLES = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
@@ -30,7 +31,7 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _REPR_MAX = 80
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An unreadable or invalid configuration; ``errors`` holds one line per problem."""
 
     def __init__(self, message: str, errors: list[str] | None = None, path: str | Path | None = None) -> None:

@@ -28,12 +28,13 @@ from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow.keys import REF_ENERGY, REF_FORCES, REF_STRESS
+from alflow.errors import InputError
 
 TMP_PREFIX = ".tmp-"
 HASH_DECIMALS = 6  # Å
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """Bad input for a dataset: the message names the file/frame and what was expected."""
 
 

@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from alflow.errors import RuntimeFailure
 from alflow.config import (
     ConfigError,
     LoopConfig,
@@ -65,11 +66,11 @@ log = logging.getLogger("alflow.loop")
 Executor = Callable[[str, "int | None", dict], dict]
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(RuntimeFailure):
     """Another process is running the loop in this run directory."""
 
 
-class StageError(RuntimeError):
+class StageError(RuntimeFailure):
     """A stage cannot produce a usable result (e.g. every label failed)."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import vesin
+from alflow.errors import InputError
 
 try:  # torch is a hard dependency of alflow, but keep this module importable without it
     import torch
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-class NeighborListError(ValueError):
+class NeighborListError(InputError):
     """Raised for invalid neighbor-list input; the message names the argument."""
 
 

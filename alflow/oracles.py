@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, ground_state_magnetic_moments
+from alflow.errors import InputError
 
 BUILTIN = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
 SOURCES = {"gpaw": "dft", "espresso": "dft", "cp2k": "dft", "vasp": "dft", "chgnet": "teacher", "sevenn": "teacher"}
@@ -59,7 +60,7 @@ LOG_FILES = {"gpaw": "gpaw.txt", "espresso": "espresso.pwo", "cp2k": "cp2k.out",
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
-class OracleError(ValueError):
+class OracleError(InputError):
     """Unknown oracle or unusable parameters; the message names the oracle and the parameter."""
 
 

@@ -49,12 +49,13 @@ from alflow import keys
 from alflow.config import TrainingConfig
 from alflow.graph import STRESS_MASK
 from alflow.metrics import UNITS, GraphCache, evaluate_cached, members_of, model_dtype, public, resolve_device
+from alflow.errors import RuntimeFailure
 
 CHECKPOINT_NAME = "best.pt"
 METRICS_NAME = "metrics.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeFailure):
     """Training could not produce a model."""
 
 

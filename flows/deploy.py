@@ -32,6 +32,7 @@ from prefect.flows import Flow
 
 from alflow.config import load_config
 from flows.active_learning import run_flow
+from alflow.errors import InputError
 
 FLOW_NAME = "active-learning-deployment"
 SOURCE = Path(__file__).resolve().parents[1]  # the directory holding flows/ (this checkout)
@@ -43,7 +44,7 @@ START_SERVER = ("start one with `prefect server start` (UI and API on http://127
                 "(or export PREFECT_API_URL)")
 
 
-class ServerError(RuntimeError):
+class ServerError(InputError):
     """No Prefect server (``PREFECT_API_URL`` unset or not answering)."""
 
 

@@ -28,9 +28,10 @@ from torch import nn
 
 from alflow import keys
 from alflow.neighbors import edge_vectors
+from alflow.errors import InputError
 
 
-class UnknownElementError(ValueError):
+class UnknownElementError(InputError):
     """A structure holds an element the model was not trained for."""
 
 

@@ -20,6 +20,7 @@ import torch
 
 from alflow import __version__
 from potentials.base import Potential
+from alflow.errors import InputError
 
 # registry name -> "module:Class". One row per architecture; nothing else to edit.
 ARCHITECTURES: dict[str, str] = {
@@ -39,7 +40,7 @@ CHECKPOINT_FORMAT = "alflow.potential"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A model file that is missing, corrupt or not an alflow checkpoint."""
 
 
