@@ -17,27 +17,35 @@ others, when
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
-from ase.io import write
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from alflow import keys
 from alflow.explore.evaluator import LockstepBatcher, ModelEvaluator
+from alflow.explore.frames import (  # noqa: F401 - re-exported: the one writer every engine shares
+    DONE,
+    ERROR,
+    EXPLODED,
+    UNCERTAIN,
+    StopRule,
+    Trajectory,
+    WalkerResult,
+    scored_frame,
+    write_results,
+)
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso")
-DONE, UNCERTAIN, EXPLODED, ERROR = "DONE", "UNCERTAIN", "EXPLODED", "ERROR"
 
 
 @dataclass
@@ -65,20 +73,6 @@ class WalkerSpec:
                 raise ValueError(f"{self.name}: ensemble {self.ensemble!r} needs a 3D-periodic cell, got pbc={self.atoms.pbc.tolist()}")
         if self.steps < 1 or self.stride < 1:
             raise ValueError(f"steps and stride: expected positive integers, got {self.steps}, {self.stride}")
-
-
-@dataclass(frozen=True)
-class WalkerResult:
-    """What a walker did: JSON-serialisable (``asdict``)."""
-
-    name: str
-    status: str
-    steps: int
-    frames: int
-    trajectory: str
-    max_force_deviation: float  # largest seen (eV/Å)
-    message: str = ""
-    seconds: float = 0.0
 
 
 def ramp(value: float | Sequence[float], fraction: float) -> float:
@@ -157,22 +151,20 @@ class LockstepCalculator(Calculator):
         self.scores = r
 
 
-def scored_frame(atoms: Atoms, scores: dict[str, Any], step: int, walker: str, temperature: float) -> Atoms:
-    """A copy of ``atoms`` carrying the committee's prediction and uncertainty (no calculator)."""
-    frame = atoms.copy()
-    frame.calc = None
-    frame.info.update({
-        keys.MAX_FORCE_DEVIATION: float(scores[keys.MAX_FORCE_DEVIATION]),
-        keys.ENERGY_DEVIATION_PER_ATOM: float(scores[keys.ENERGY_DEVIATION_PER_ATOM]),
-        keys.PRED_ENERGY: float(scores["energy"]),
-        keys.STEP: int(step),
-        keys.WALKER: str(walker),
-        keys.SOURCE: "md",
-        "temperature_K": float(temperature),
-    })
-    frame.arrays[keys.PRED_FORCES] = np.asarray(scores["forces"], dtype=float)
-    frame.arrays[keys.FORCE_DEVIATION] = np.asarray(scores["force_deviation"], dtype=float)
-    return frame
+def check_finite_settings(spec: WalkerSpec) -> str:
+    """'' when the walker's numbers are usable, else a message naming the field (NaN/inf temperature, ...)."""
+    for name in ("temperature", "pressure", "timestep", "friction"):
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        values = np.asarray(value, dtype=float).reshape(-1)
+        if values.size == 0 or not np.isfinite(values).all():
+            return f"{spec.name}: {name} must be finite, got {value!r}"
+    if spec.timestep <= 0:
+        return f"{spec.name}: timestep must be > 0 fs, got {spec.timestep!r}"
+    if not (np.isfinite(spec.atoms.positions).all() and np.isfinite(spec.atoms.cell.array).all()):
+        return f"{spec.name}: start structure has non-finite positions or cell"
+    return ""
 
 
 def run_walker(
@@ -183,16 +175,20 @@ def run_walker(
     patience: int,
     min_distance: float,
     on_step: Callable[[str, float], None] | None = None,
+    alpha: float | None = None,
 ) -> WalkerResult:
-    """Run one walker to its end; never raises (a failure is an ``ERROR`` result)."""
+    """Run one walker to its end; never raises (a failure is an ``ERROR`` result of this walker only)."""
     start = time.perf_counter()
     atoms = spec.atoms.copy()
     atoms.calc = calc
-    trajectory.parent.mkdir(parents=True, exist_ok=True)
-    trajectory.unlink(missing_ok=True)
-    status, message, step, frames, above, worst = DONE, "", 0, 0, 0, 0.0
+    traj = Trajectory(trajectory).start()
+    rule = StopRule(upper, patience, min_distance)
+    status, message, step = DONE, "", 0
     temperature = ramp(spec.temperature, 0.0)
     try:
+        bad = check_finite_settings(spec)
+        if bad:
+            raise ValueError(bad)
         thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(spec.seed))
         Stationary(atoms)
         dyn = make_dynamics(atoms, spec)
@@ -205,26 +201,26 @@ def run_walker(
             else:
                 atoms.get_forces()
             scores = calc.scores
-            deviation = float(scores[keys.MAX_FORCE_DEVIATION])
-            worst = max(worst, deviation) if np.isfinite(deviation) else worst
-            finite = np.isfinite(scores["energy"]) and np.isfinite(scores["forces"]).all()
-            if not finite or scores["min_distance"] < min_distance:
-                status = EXPLODED
-                message = "non-finite forces" if not finite else f"atoms {scores['min_distance']:.3f} Å apart (< {min_distance} Å)"
-            above = above + 1 if deviation > upper else 0
-            if status == DONE and above >= patience:
-                status, message = UNCERTAIN, f"max force deviation above {upper} eV/Å for {above} steps"
+            status, message = rule.update(scores)
             stop = status != DONE or step == spec.steps
             if step % spec.stride == 0 or stop:
-                write(trajectory, scored_frame(atoms, scores, step, spec.name, temperature), format="extxyz", append=True)
-                frames += 1
+                traj.append(scored_frame(atoms, scores, step, spec.name, temperature, alpha=alpha))
             if on_step is not None and step > 0:
-                on_step(spec.name, deviation)
+                on_step(spec.name, float(scores[keys.MAX_FORCE_DEVIATION]))
             if status != DONE:
                 break
     except Exception as exc:  # noqa: BLE001 - one walker's failure must not kill the others
         status, message = ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-    return WalkerResult(spec.name, status, step, frames, str(trajectory), worst, message, time.perf_counter() - start)
+    return WalkerResult(spec.name, status, step, traj.frames, str(trajectory), rule.worst, message, time.perf_counter() - start)
+
+
+def committee_alpha(model: Any) -> float | None:
+    """The calibration factor α of a committee (None for a single potential or a non-committee provider)."""
+    alpha = getattr(model, "alpha", None)
+    try:
+        return None if alpha is None else float(alpha)
+    except (TypeError, ValueError):
+        return None
 
 
 def run_walkers(
@@ -264,7 +260,8 @@ def run_walkers(
     def trajectory(spec: WalkerSpec) -> Path:
         return out_dir / f"{spec.name}.extxyz"
 
-    common = dict(upper=upper, patience=patience, min_distance=min_distance, on_step=on_step)
+    common = dict(upper=upper, patience=patience, min_distance=min_distance, on_step=on_step,
+                  alpha=committee_alpha(evaluator.model))
     results: dict[str, WalkerResult] = {}
     if batched:
         batcher = LockstepBatcher(evaluator)
@@ -291,7 +288,7 @@ def run_walkers(
     if bar is not None:
         bar.close()
     ordered = [results[s.name] for s in specs]
-    (out_dir / "walkers.json").write_text(json.dumps([asdict(r) for r in ordered], indent=1))
+    write_results(out_dir, ordered)
     return ordered
 
 

@@ -147,9 +147,43 @@ class LockstepBatcher:
             return
         tickets = list(self._pending)
         frames = [self._pending.pop(t) for t in tickets]
-        try:
-            results: list[Any] = self.evaluate(frames)
-        except BaseException as exc:  # every waiting walker gets the error, none hangs
-            results = [exc] * len(tickets)
-        self._results.update(zip(tickets, results))
+        self._results.update(zip(tickets, evaluate_isolated(self.evaluate, frames)))
         self._cond.notify_all()
+
+
+def nonfinite_result(atoms: Atoms) -> dict[str, Any]:
+    """The result of a structure with NaN/inf positions or cell: NaN scores, no model call (the walker explodes)."""
+    n = len(atoms)
+    return {"energy": float("nan"), "forces": np.full((n, 3), np.nan), "stress": None, "min_distance": float("nan"),
+            "force_deviation": np.full(n, np.nan), keys.MAX_FORCE_DEVIATION: float("nan"),
+            keys.ENERGY_DEVIATION_PER_ATOM: float("nan")}
+
+
+def evaluate_isolated(evaluate: Any, frames: Sequence[Atoms]) -> list[dict[str, Any] | BaseException]:
+    """``evaluate(frames)``, with each frame's failure kept to that frame.
+
+    Frames with non-finite positions or cell get :func:`nonfinite_result` without a model call;
+    when the batched call of the others raises, each is evaluated alone, so one broken walker
+    never ends the healthy ones (an exception is returned in place of its result, never raised).
+    """
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(frames)
+    good = []
+    for index, atoms in enumerate(frames):
+        if np.isfinite(atoms.positions).all() and np.isfinite(atoms.cell.array).all():
+            good.append(index)
+        else:
+            results[index] = nonfinite_result(atoms)
+    if good:
+        try:
+            for index, r in zip(good, evaluate([frames[i] for i in good])):
+                results[index] = r
+        except BaseException as exc:  # noqa: BLE001 - isolate the culprit: one call per frame
+            if len(good) == 1:
+                results[good[0]] = exc
+            else:
+                for index in good:
+                    try:
+                        results[index] = evaluate([frames[index]])[0]
+                    except BaseException as single:  # noqa: BLE001 - this frame's own failure
+                        results[index] = single
+    return results  # type: ignore[return-value]

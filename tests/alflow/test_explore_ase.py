@@ -120,3 +120,38 @@ def test_spec_errors_name_the_field():
     with pytest.raises(ValueError, match="3D-periodic"):
         WalkerSpec(atoms=slab, ensemble="npt-iso", pressure=0.0)
     assert units.fs > 0
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(timestep=float("inf")), dict(element="Ag"),
+                                 dict(positions=float("nan"))])
+def test_one_broken_walker_does_not_end_the_lockstep_batch(tmp_path, committee, bad):
+    """Issue 16 item 6: a walker that blows up (NaN temperature, infinite timestep, an element the
+    committee does not know, NaN positions) fails alone; the healthy ones in the same batch finish."""
+    atoms = cu(1)
+    broken = atoms.copy()
+    settings = {k: v for k, v in bad.items() if k in ("temperature", "timestep")}
+    if "element" in bad:
+        broken[0].symbol = bad["element"]
+    if "positions" in bad:
+        broken.positions[2] = bad["positions"]
+    walkers = [WalkerSpec(atoms=atoms, steps=8, stride=4, seed=1, name="good1"),
+               WalkerSpec(atoms=broken, steps=8, stride=4, seed=2, name="bad", **settings),
+               WalkerSpec(atoms=atoms, steps=8, stride=4, seed=3, name="good2")]
+    results = run_walkers(walkers, committee, tmp_path, upper=10.0, progress=False, device="cpu")
+    assert [r.status for r in results] == [DONE, results[1].status, DONE], [r.message for r in results]
+    assert results[1].status in ("ERROR", EXPLODED)
+    assert all(r.steps == 8 for r in (results[0], results[2]))
+
+
+def test_evaluate_isolated_keeps_each_frames_failure_its_own(committee):
+    from alflow.explore.evaluator import evaluate_isolated
+
+    good, bad = cu(1), cu(1)
+    bad[1].symbol = "Ag"
+    nan = cu(1)
+    nan.positions[0] = np.nan
+    evaluator = ModelEvaluator(committee, device="cpu")
+    out = evaluate_isolated(evaluator, [good, bad, nan, good])
+    assert isinstance(out[1], Exception) and "Ag" in str(out[1])
+    assert np.isnan(out[2]["energy"])
+    assert np.isfinite(out[0]["energy"]) and out[0]["energy"] == pytest.approx(out[3]["energy"])
