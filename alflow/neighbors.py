@@ -79,6 +79,56 @@ def _check_cutoff(cutoff: float) -> float:
     return value
 
 
+MAX_PAIRS = 1_000_000_000  # ~60 GB of pair arrays (i, j, S, D, d): beyond any real structure, a mistake
+
+
+def _check_pair_count(cutoff: float, cells: np.ndarray, pbc: np.ndarray, counts: Any,
+                      positions: np.ndarray | None = None, name: str = "cell") -> None:
+    """Refuse a cutoff/cell combination whose pair list would be astronomically large (``MAX_PAIRS``).
+
+    Expected pairs of a structure of N atoms: N² × (4π/3) rc³ / V when fully
+    periodic (uniform density); otherwise N² × Π 2 rc / h_k over periodic
+    directions (h_k: cell height) × Π min(1, 2 rc / L_k) over non-periodic ones
+    (L_k: extent of the positions along axis k, when given). Cheap: a few µs.
+    """
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    volumes = np.abs(np.linalg.det(cells)) if cells.shape[0] > 1 else None
+    worst, total, where = 0.0, 0.0, 0
+    start = 0
+    for b in range(cells.shape[0]):
+        n = counts[b]
+        if pbc[b].all():
+            if volumes is None:
+                (ax, ay, az), (bx, by, bz), (cx, cy, cz) = cells[b].tolist()
+                volume = abs(ax * (by * cz - bz * cy) - ay * (bx * cz - bz * cx) + az * (bx * cy - by * cx))
+            else:
+                volume = float(volumes[b])
+            estimate = n * n * 4.18879 * cutoff**3 / volume
+        else:
+            estimate = n * n
+            if pbc[b].any():
+                vectors = cells[b]
+                volume = abs(float(np.linalg.det(np.where(pbc[b][:, None], vectors, np.eye(3)))))
+                for k in np.flatnonzero(pbc[b]):
+                    area = float(np.linalg.norm(np.cross(vectors[(k + 1) % 3], vectors[(k + 2) % 3])))
+                    estimate *= 2.0 * cutoff * area / max(volume, 1e-300) if area > 0 else 1.0
+            if positions is not None and n > 1:
+                extent = np.ptp(positions[start : start + int(n)], axis=0)
+                for k in np.flatnonzero(~pbc[b]):
+                    estimate *= min(1.0, 2.0 * cutoff / max(float(extent[k]), 1e-300))
+        start += int(n)
+        total += estimate
+        if estimate > worst:
+            worst, where = estimate, b
+    if total > MAX_PAIRS:
+        label = f"{name}[{where}]" if cells.shape[0] > 1 else name
+        raise NeighborListError(
+            f"cutoff: {cutoff:g} Å with {label} {np.round(cells[where], 4).tolist()} (pbc={pbc[where].tolist()}, "
+            f"{int(counts[where])} atoms) would give about {total:.2g} pairs (more than {MAX_PAIRS:.0e}, "
+            "tens of GB); expected a cutoff of a few Å"
+        )
+
+
 def _as_pbc(pbc: Any, n_structures: int | None = None) -> np.ndarray:
     arr = np.asarray(pbc.detach().cpu() if _is_torch(pbc) else pbc)
     if arr.dtype != bool:
@@ -188,6 +238,191 @@ def _search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: fl
     return i.view(np.int64), j.view(np.int64), S, D, d
 
 
+# ----------------------------------------------------------------------------- search on the device (pure torch)
+#
+# A batched cell list in plain torch ops, run on the tensors' own device (no host copy of
+# positions; a few scalar syncs for output sizes). Per structure: non-periodic lattice vectors
+# are replaced by an orthonormal completion, atoms are wrapped into the cell along periodic
+# directions (integer wrap k, remembered for the shifts), binned into a grid of bins at least
+# ``cutoff`` high, and each atom is compared with the atoms of the (2m+1)^3 neighbouring bins,
+# where m = ceil(cutoff / bin height): m > 1 only for cells thinner than the cutoff, whose
+# periodic images then come from bins visited through several cell shifts. Distances are
+# compared in float64 so the pair set is the float64 one (ASE's) whatever the input dtype.
+
+_BACKENDS = ("auto", "vesin", "torch")
+_CHUNK = 1 << 21  # candidate pairs per chunk: bounds the working memory to ~100-200 MB
+_MARGIN = 1.0 + 1e-6  # bins a hair larger than the cutoff: rounding in the binning can never lose a pair
+
+
+def _backend(positions: Any, backend: str | None) -> str:
+    """'vesin' or 'torch': the explicit choice, or auto (torch for tensors off the CPU)."""
+    name = "auto" if backend is None else backend
+    if name not in _BACKENDS:
+        raise NeighborListError(f"backend: expected one of {list(_BACKENDS)}, got {backend!r}")
+    if name == "auto":
+        return "torch" if _is_torch(positions) and positions.device.type != "cpu" else "vesin"
+    if name == "torch" and torch is None:  # pragma: no cover
+        raise NeighborListError("backend: 'torch' needs torch installed")
+    return name
+
+
+def _complete_cells(cells: Any, pbc: Any) -> Any:
+    """(B, 3, 3) cells with every non-periodic vector replaced by a unit vector orthogonal to the
+    periodic ones and to each other (an orthonormal basis of their complement), so the cell is
+    invertible and fractional coordinates along periodic directions are well defined."""
+    periodic = torch.where(pbc[:, :, None], cells, torch.zeros_like(cells))
+    # eigenvectors of A^T A with eigenvalue 0 span the complement of the periodic vectors; eigh sorts them first
+    _, vectors = torch.linalg.eigh(periodic.transpose(1, 2) @ periodic)
+    rank = torch.cumsum((~pbc).long(), dim=1) - 1  # the r-th non-periodic row takes eigenvector r
+    fill = torch.gather(vectors.transpose(1, 2), 1, rank.clamp(min=0)[:, :, None].expand(-1, -1, 3))
+    return torch.where(pbc[:, :, None], cells, fill)
+
+
+def _check_torch_inputs(positions: Any, cells: Any, pbc: Any, name: str) -> None:
+    """Finite positions and non-degenerate periodic cells, checked on the device (one boolean sync each)."""
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise NeighborListError(f"positions: expected shape (N, 3), got {tuple(positions.shape)}")
+    if not positions.dtype.is_floating_point and positions.dtype not in (torch.int32, torch.int64):
+        raise NeighborListError(f"positions: expected numbers, got dtype {positions.dtype}")
+    if positions.shape[0] and not bool(torch.isfinite(positions).all()):
+        _check_positions(positions.detach().cpu().double().numpy())  # names the atom
+    if not bool(torch.isfinite(cells).all()):
+        raise NeighborListError(f"{name}: contains NaN or inf")
+    gram = cells @ cells.transpose(1, 2)
+    mask = pbc[:, :, None] & pbc[:, None, :]
+    eye = torch.eye(3, dtype=cells.dtype, device=cells.device)
+    gram = torch.where(mask, gram, eye)
+    sq_norms = torch.diagonal(gram, dim1=1, dim2=2)
+    scale = torch.prod(sq_norms, dim=1)
+    bad = (torch.where(pbc, sq_norms, torch.ones_like(sq_norms)) <= 1e-16).any(dim=1)
+    bad |= torch.linalg.det(gram) <= 1e-12 * scale
+    if bool((bad & pbc.any(dim=1)).any()):
+        _check_cells(cells.detach().cpu().numpy(), pbc.cpu().numpy(), name=name)  # raises with the message
+
+
+def _search_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: float) -> tuple[Any, Any, Any]:
+    """(i, j, S) int64 on the device for all pairs with |r_j - r_i + S @ cell| < cutoff.
+
+    positions (N, 3) and cells (B, 3, 3) float64, pbc (B, 3) bool, batch (N,) int64
+    (any order), all on one device; inputs assumed valid. A full list without self pairs.
+    """
+    device = positions.device
+    n_atoms, n_structures = positions.shape[0], cells.shape[0]
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    if n_atoms == 0:
+        return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=device)
+    reach = cutoff * _MARGIN
+    full = _complete_cells(cells, pbc)
+    inverse = torch.linalg.inv(full)
+    heights = 1.0 / torch.linalg.norm(inverse, dim=1)  # (B, 3): distance between lattice planes, Å
+    atom_pbc = pbc[batch]
+    frac = torch.einsum("nx,nxa->na", positions, inverse[batch])
+    wrap = torch.where(atom_pbc, torch.floor(frac), torch.zeros_like(frac))
+    frac = frac - wrap
+    wrapped = positions - torch.einsum("na,nax->nx", wrap, cells[batch])
+    wrap = wrap.long()
+
+    # grid: periodic directions split the cell into bins >= reach high; non-periodic ones the atoms' extent
+    big = torch.full((n_structures, 3), float("inf"), dtype=frac.dtype, device=device)
+    low = big.scatter_reduce(0, batch[:, None].expand(-1, 3), frac, "amin")
+    high = (-big).scatter_reduce(0, batch[:, None].expand(-1, 3), frac, "amax")
+    occupied = torch.isfinite(low)
+    low = torch.where(occupied, low, torch.zeros_like(low))
+    span = torch.where(occupied, high - low, torch.zeros_like(low))
+    length = torch.where(pbc, heights, span * heights)
+    n_bins = torch.clamp(torch.floor(length / reach), min=1.0)
+    counts = torch.bincount(batch, minlength=n_structures).to(frac.dtype)
+    excess = torch.prod(n_bins, dim=1) / (4.0 * counts + 8.0)  # cap: a few bins per atom (huge vacuum, far atoms)
+    n_bins = torch.where((excess > 1)[:, None], torch.clamp(torch.floor(n_bins / excess[:, None] ** (1 / 3)), min=1.0), n_bins)
+    reach_bins = torch.where(pbc, torch.ceil(reach * n_bins / heights), (n_bins > 1).to(frac.dtype)).long()
+    n_bins = n_bins.long()
+    scaled = torch.where(atom_pbc, frac, (frac - low[batch]) / torch.where(span > 0, span, torch.ones_like(span))[batch])
+    atom_bin = torch.minimum(torch.clamp(torch.floor(scaled * n_bins[batch]), min=0).long(), n_bins[batch] - 1)
+    bins_per_structure = torch.prod(n_bins, dim=1)
+    bin_start = torch.cumsum(bins_per_structure, 0) - bins_per_structure
+    strides = torch.stack([n_bins[:, 1] * n_bins[:, 2], n_bins[:, 2], torch.ones_like(n_bins[:, 2])], dim=1)
+    atom_key = bin_start[batch] + (atom_bin * strides[batch]).sum(dim=1)
+    total_bins = int(bins_per_structure.sum())
+    order = torch.argsort(atom_key)
+    bin_count = torch.bincount(atom_key, minlength=total_bins)
+    bin_first = torch.cumsum(bin_count, 0) - bin_count
+
+    widths = 2 * reach_bins + 1  # (B, 3) bin offsets per direction
+    n_offsets = torch.prod(widths, dim=1)
+    block = max(1, _CHUNK // max(1, int(n_offsets.max())))
+    parts_i, parts_j, parts_S = [], [], []
+    for start in range(0, n_atoms, block):
+        atoms = torch.arange(start, min(start + block, n_atoms), device=device)
+        per_atom = n_offsets[batch[atoms]]
+        ends = torch.cumsum(per_atom, 0)
+        n_pairs = int(ends[-1])
+        owner = torch.repeat_interleave(atoms, per_atom, output_size=n_pairs)  # (atom, bin offset) pairs
+        local = torch.arange(n_pairs, device=device) - (ends - per_atom).repeat_interleave(per_atom, output_size=n_pairs)
+        s_of = batch[owner]
+        w = widths[s_of]
+        offset = torch.stack([local // (w[:, 1] * w[:, 2]), (local // w[:, 2]) % w[:, 1], local % w[:, 2]], dim=1)
+        target = atom_bin[owner] + offset - reach_bins[s_of]
+        nb = n_bins[s_of]
+        inside = atom_pbc[owner] | ((target >= 0) & (target < nb))
+        keep = inside.all(dim=1)
+        owner, target, nb, s_of = owner[keep], target[keep], nb[keep], s_of[keep]
+        shift = torch.div(target, nb, rounding_mode="floor")  # cell shift of the visited bin (0 when non-periodic)
+        key = bin_start[s_of] + ((target - shift * nb) * strides[s_of]).sum(dim=1)
+        size, first = bin_count[key], bin_first[key]
+        ends = torch.cumsum(size, 0)
+        total = int(ends[-1]) if len(ends) else 0
+        # split the candidates (atom i x atoms of one visited bin) into chunks of ~_CHUNK
+        cuts = [0]
+        if total > _CHUNK:
+            cuts += torch.searchsorted(ends, torch.arange(_CHUNK, total, _CHUNK, device=device), right=True).tolist()
+        cuts.append(len(ends))
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b <= a:
+                continue
+            sz = size[a:b]
+            n_cand = int(ends[b - 1] - (ends[a - 1] if a else 0))
+            if n_cand == 0:
+                continue
+            pair = torch.repeat_interleave(torch.arange(a, b, device=device), sz, output_size=n_cand)
+            rank = torch.arange(n_cand, device=device) - (torch.cumsum(sz, 0) - sz).repeat_interleave(sz, output_size=n_cand)
+            i = owner[pair]
+            j = order[first[pair] + rank]
+            s = shift[pair]
+            vec = wrapped[j] - wrapped[i] + torch.einsum("ea,eax->ex", s.to(wrapped.dtype), cells[s_of[pair]])
+            hit = (vec * vec).sum(dim=1) < cutoff * cutoff
+            hit &= (i != j) | (s != 0).any(dim=1)
+            i, j, s = i[hit], j[hit], s[hit]
+            parts_i.append(i)
+            parts_j.append(j)
+            parts_S.append(s - wrap[j] + wrap[i])
+    if not parts_i:
+        return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=device)
+    return torch.cat(parts_i), torch.cat(parts_j), torch.cat(parts_S)
+
+
+def _torch_neighbors(
+    positions: Any, cells: Any, pbc: Any, batch: Any | None, cutoff: float, name: str, numpy_out: bool
+) -> Neighbors:
+    """The torch-backend result for validated shapes: search in float64 on the device, then D and d in the input dtype."""
+    pos = positions if _is_torch(positions) else torch.as_tensor(np.asarray(positions))
+    device = pos.device
+    cells_t = (cells if _is_torch(cells) else torch.as_tensor(np.asarray(cells, dtype=np.float64))).to(device)
+    pbc_t = pbc.to(device) if _is_torch(pbc) else torch.as_tensor(np.ascontiguousarray(pbc, dtype=bool), device=device)
+    _check_torch_inputs(pos, cells_t, pbc_t, name)
+    pos64 = pos.detach().to(torch.float64)
+    cells64 = cells_t.detach().to(torch.float64)
+    if batch is None:
+        batch = torch.zeros(pos.shape[0], dtype=torch.int64, device=device)
+    i, j, S = _search_torch(pos64, cells64, pbc_t, batch, cutoff)
+    dtype = pos.dtype if pos.dtype.is_floating_point else torch.float64
+    one = cells_t.shape[0] == 1
+    vectors = edge_vectors(pos.to(dtype), (cells_t[0] if one else cells_t).to(dtype), i, j, S, None if one else batch)
+    distances = torch.linalg.norm(vectors, dim=-1)
+    if numpy_out:
+        return Neighbors(i.numpy(), j.numpy(), S.numpy().astype(np.int32), vectors.numpy(), distances.numpy())
+    return Neighbors(i, j, S, vectors, distances)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -214,16 +449,24 @@ def edge_vectors(positions: Any, cell: Any, i: Any, j: Any, S: Any, batch: Any |
     return positions[j] - positions[i] + offset
 
 
-def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float) -> Neighbors:
+def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float, *, backend: str | None = None) -> Neighbors:
     """All pairs within ``cutoff`` (Å) of one structure.
 
     positions: (N, 3) Å, numpy or torch (any float dtype, CPU or CUDA).
     cell: (3, 3) Å, lattice vectors as rows; may be zero along non-periodic directions.
     pbc: bool or (3,) bools.
+    backend: None/"auto" (torch on the tensors' device for non-CPU tensors, else vesin),
+    "vesin" (C++ cell list on the host) or "torch" (pure torch, on the input's device).
     Returns numpy arrays for numpy input and torch tensors (on the input's device,
     D and d differentiable w.r.t. positions and cell) for torch input.
     """
     cutoff = _check_cutoff(cutoff)
+    if _backend(positions, backend) == "torch":
+        shape = tuple(cell.shape) if _is_torch(cell) else np.shape(cell)
+        if shape != (3, 3):
+            raise NeighborListError(f"cell: expected shape (3, 3), got {shape}")
+        cells = cell[None] if _is_torch(cell) else np.asarray(cell, dtype=np.float64)[None]
+        return _torch_neighbors(positions, cells, _as_pbc(pbc)[None], None, cutoff, "cell", not _is_torch(positions))
     pos64 = _to_numpy64(positions, "positions")
     _check_positions(pos64)
     cell64 = _to_numpy64(cell, "cell")
@@ -231,6 +474,7 @@ def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float) -> Neighbo
         raise NeighborListError(f"cell: expected shape (3, 3), got {cell64.shape}")
     pbc_arr = _as_pbc(pbc)
     _check_cells(cell64[None], pbc_arr[None])
+    _check_pair_count(cutoff, cell64[None], pbc_arr[None], (pos64.shape[0],), pos64)
     i, j, S, D, d = _search(pos64, cell64, pbc_arr, cutoff)
     if not _is_torch(positions):
         dtype = _float_dtype(positions)
@@ -243,16 +487,19 @@ def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float) -> Neighbo
 
 
 def batch_neighbor_list(
-    positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: float
+    positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: float, *, backend: str | None = None
 ) -> Neighbors:
     """Pairs within ``cutoff`` for many structures in one call; no pairs across structures.
 
     positions: (N_total, 3) Å, structures concatenated in order.
     cells: (B, 3, 3) Å. pbc: (B, 3), (3,) or a bool. n_atoms: (B,) atoms per structure.
+    backend: as for ``neighbor_list`` (CUDA tensors stay on the device: one batched search).
     Returns global atom indices (offset by the structure's first atom). With torch
     input, D and d are rebuilt in torch and are differentiable.
     """
     cutoff = _check_cutoff(cutoff)
+    if _backend(positions, backend) == "torch":
+        return _batch_torch(positions, cells, pbc, n_atoms, cutoff)
     pos64 = _to_numpy64(positions, "positions")
     _check_positions(pos64)
     cells64 = _to_numpy64(cells, "cells")
@@ -268,6 +515,7 @@ def batch_neighbor_list(
         )
     pbc_arr = _as_pbc(pbc, n_structures)
     _check_cells(cells64, pbc_arr, name="cells")
+    _check_pair_count(cutoff, cells64, pbc_arr, counts, pos64, name="cells")
 
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     parts = [
@@ -290,3 +538,26 @@ def batch_neighbor_list(
     batch = torch.repeat_interleave(torch.arange(n_structures, device=device), torch.as_tensor(counts, device=device))
     vectors = edge_vectors(positions, cells_t.to(positions.dtype), ti, tj, tS, batch)
     return Neighbors(ti, tj, tS, vectors, torch.linalg.norm(vectors, dim=-1))
+
+
+def _batch_torch(positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: float) -> Neighbors:
+    """``batch_neighbor_list`` on the torch backend: shapes and counts checked, one search for all structures."""
+    numpy_out = not _is_torch(positions)
+    pos = positions if not numpy_out else torch.as_tensor(np.asarray(positions))
+    shape = tuple(cells.shape) if _is_torch(cells) else np.shape(cells)
+    if len(shape) != 3 or shape[1:] != (3, 3):
+        raise NeighborListError(f"cells: expected shape (B, 3, 3), got {shape}")
+    n_structures = shape[0]
+    counts = n_atoms.to(pos.device) if _is_torch(n_atoms) else torch.as_tensor(np.asarray(n_atoms), device=pos.device)
+    counts = counts.reshape(-1).long()
+    if counts.shape[0] != n_structures:
+        raise NeighborListError(f"n_atoms: expected {n_structures} entries (one per cell), got {counts.shape[0]}")
+    total = int(counts.sum()) if counts.numel() else 0
+    if (counts.numel() and bool((counts < 0).any())) or total != pos.shape[0]:
+        raise NeighborListError(
+            f"n_atoms: expected non-negative counts summing to the {pos.shape[0]} positions, got sum {total}"
+        )
+    batch = torch.repeat_interleave(torch.arange(n_structures, device=pos.device), counts, output_size=pos.shape[0])
+    cells_in = cells if _is_torch(cells) else np.asarray(cells, dtype=np.float64)
+    return _torch_neighbors(pos, cells_in, _as_pbc(pbc, n_structures), batch, cutoff, "cells", numpy_out)
+
