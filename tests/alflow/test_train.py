@@ -141,7 +141,7 @@ def test_warm_start_never_keeps_the_untrained_weights(frames, trained):
 def test_divergence_stops_and_keeps_last_good_checkpoint(frames, tmp_path):
     model = small_schnet()
     with pytest.raises(TrainingDivergedError, match="diverged") as info:
-        train_potential(model, frames[:8], frames[8:10], config(lr=1e30, grad_clip=None), device="cpu",
+        train_potential(model, frames[:8], frames[8:10], config(grad_clip=None).model_copy(update={"lr": 1e30}), device="cpu",
                         out_dir=tmp_path, progress=False)
     assert info.value.checkpoint == str(tmp_path / "best.pt") and info.value.best_epoch == 0
     good = potentials.load(tmp_path / "best.pt", device="cpu")
