@@ -179,7 +179,19 @@ class TrainingConfig(_Model):
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of frames held out for validation.")
     test_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of frames held out for testing.")
     warm_start: bool = Field(True, description="Continue from the previous iteration's weights.")
-    max_time_s: float | None = Field(None, gt=0, description="Wall-time limit per member and training (s).")
+    max_time_s: float | None = Field(None, gt=0, description="Wall-time limit per member and training (s); members trained together get K times it.")
+
+    # the trainer of round two (alflow/train.py, docs/training.md)
+    members: Literal["auto", "grouped", "sequential"] = Field(
+        "auto", description="Train the K members together (grouped: stacked parameters, torch.vmap) or one after another; auto: grouped on an accelerator, sequential on the CPU (measured faster there).")
+    batch_atoms: int | None = Field(None, ge=1, description="Fill training batches to this many atoms (at least one frame each) instead of batch_size frames; null: batch_size frames.")
+    schedule: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule: halve on a validation plateau, or cosine decay to lr/100 over the epochs.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear LR warm-up from lr/100 over this many epochs (fractions allowed).")
+    loss: Literal["mse", "huber"] = Field("mse", description="Per-component loss: squared error, or Huber with huber_delta (eV/atom, eV/Å, eV/Å³).")
+    huber_delta: float = Field(0.01, gt=0, description="Huber threshold, in the units of each term.")
+    final_epochs: int = Field(0, ge=0, description="Final stage (stage two / SWA-like): the last this many epochs, or from an early stop on, with final_energy_weight and lr * final_lr_factor; 0 disables.")
+    final_energy_weight: float | None = Field(None, ge=0, description="Energy loss weight of the final stage; null: 10 x energy_weight.")
+    final_lr_factor: float = Field(0.1, gt=0, le=1, description="LR of the final stage as a fraction of lr.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
