@@ -20,9 +20,11 @@ from alflow's batch; forces and stress come from alflow's shared autograd code
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +201,8 @@ class MACEPotential(Potential):
         self, batch: dict[str, torch.Tensor], vectors: torch.Tensor, species: torch.Tensor
     ) -> torch.Tensor:
         """MACE's per-atom energy with its internal E0/scale/shift at 0/1/0 (N,); ``vectors`` equal MACE's own."""
-        data = self.mace_input(batch, species)
-        out = self.model(data, training=self.training, compute_force=False, compute_virials=False, compute_stress=False)
-        return out["node_energy"].to(data["positions"].dtype)  # ScaleShiftMACE returns float64
+        node_attrs = self.node_attr_table[species].to(vectors.dtype)
+        return mace_node_energies(self.model, node_attrs, batch[keys.EDGE_INDEX], vectors).to(vectors.dtype)
 
     def parameter_groups(self, weight_decay: float = 5e-7) -> list[dict[str, Any]]:
         """Optimizer groups of mace_run_train's recipe: L2 decay on the interactions' linear/skip
@@ -293,6 +294,98 @@ class MACEPotential(Potential):
                     f"shift={float(self.shift)}; use model_class='ScaleShiftMACE'"
                 )
         return module
+
+
+def _scatter_sum(
+    src: torch.Tensor,
+    index: torch.Tensor,
+    dim: int = -1,
+    out: torch.Tensor | None = None,
+    dim_size: int | None = None,
+    reduce: str = "sum",
+) -> torch.Tensor:
+    """mace-torch's ``scatter_sum`` with an out-of-place ``scatter_add`` into the fresh zeros, the same
+    numbers; torch.vmap refuses mace's in-place add of a batched ``src`` into an unbatched buffer."""
+    if out is not None or reduce != "sum":
+        return _MACE_SCATTER_SUM(src, index, dim, out, dim_size, reduce)
+    index = _mace_scatter._broadcast(index, src, dim)
+    size = list(src.size())
+    if dim_size is not None:
+        size[dim] = dim_size
+    elif index.numel() == 0:
+        size[dim] = 0
+    else:
+        size[dim] = int(index.max()) + 1
+    return torch.zeros(size, dtype=src.dtype, device=src.device).scatter_add(dim, index, src)
+
+
+_mace_scatter = e3nn_compat.import_mace("mace.tools.scatter")
+_MACE_SCATTER_SUM = _mace_scatter.scatter_sum
+# the modules that call scatter_sum inside a MACE energy evaluation (imported by name there)
+_SCATTER_USERS = [e3nn_compat.import_mace(f"mace.modules.{name}") for name in ("blocks", "radial", "models", "utils")]
+
+
+@contextlib.contextmanager
+def _vmap_safe_scatter() -> Iterator[None]:
+    """Route mace's ``scatter_sum`` through :func:`_scatter_sum` while MACE evaluates (process-wide, reentrant)."""
+    with _PATCH_LOCK:
+        _PATCH_DEPTH[0] += 1
+        if _PATCH_DEPTH[0] == 1:
+            for module in _SCATTER_USERS:
+                if getattr(module, "scatter_sum", None) is _MACE_SCATTER_SUM:
+                    module.scatter_sum = _scatter_sum
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_DEPTH[0] -= 1
+            if _PATCH_DEPTH[0] == 0:
+                for module in _SCATTER_USERS:
+                    if getattr(module, "scatter_sum", None) is _scatter_sum:
+                        module.scatter_sum = _MACE_SCATTER_SUM
+
+
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = [0]
+
+
+def mace_node_energies(
+    model: torch.nn.Module, node_attrs: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor
+) -> torch.Tensor:
+    """MACE's per-atom energy (N,) (eV, float64 as MACE returns it) from given edge ``vectors`` (E, 3) Å.
+
+    The blocks of mace-torch's ``MACE``/``ScaleShiftMACE.forward`` in the same order (so the
+    same numbers), minus its graph preparation: ``prepare_graph`` calls
+    ``positions.requires_grad_()``, which torch.vmap refuses, and recomputes the vectors that
+    alflow already has. No autograd inside: forces and stress are taken by the caller, so a
+    committee can vmap this over its members (``potentials.committee``). Single-head models only.
+    """
+    n_atoms = node_attrs.shape[0]
+    arange = torch.arange(n_atoms, device=node_attrs.device)
+    heads = torch.zeros(n_atoms, dtype=torch.int64, device=node_attrs.device)
+    lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+    with _vmap_safe_scatter():
+        node_e0 = model.atomic_energies_fn(node_attrs)[arange, heads]
+        node_feats = model.node_embedding(node_attrs)
+        edge_attrs = model.spherical_harmonics(vectors)
+        edge_feats, cutoff = model.radial_embedding(lengths, node_attrs, edge_index, model.atomic_numbers)
+        if hasattr(model, "pair_repulsion"):
+            pair = model.pair_repulsion_fn(lengths, node_attrs, edge_index, model.atomic_numbers)
+        else:
+            pair = torch.zeros_like(node_e0)
+        features = []
+        for i, (interaction, product) in enumerate(zip(model.interactions, model.products)):
+            node_feats, sc = interaction(node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
+                                         edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
+                                         first_layer=(i == 0), lammps_class=None, lammps_natoms=(0, 0))
+            node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+            features.append(node_feats)
+        readouts = [readout(features[-1 if len(model.readouts) == 1 else i], heads)[arange, heads]
+                    for i, readout in enumerate(model.readouts)]
+    if hasattr(model, "scale_shift"):  # ScaleShiftMACE: E0 + scale_shift(pair + readouts)
+        inter = model.scale_shift(torch.sum(torch.stack([pair, *readouts], dim=0), dim=0), heads)
+        return node_e0.double() + inter.double()
+    return torch.sum(torch.stack([node_e0, pair, *readouts], dim=-1), dim=-1)  # MACE: one sum
 
 
 def mace_hparams(model: torch.nn.Module) -> dict[str, Any]:
@@ -404,3 +497,51 @@ def check_against(wrapped: MACEPotential, original: torch.nn.Module, rtol: float
             f"from_mace_model: the rebuilt model differs from the original by {error:.3g} eV/atom on a probe "
             f"structure; its architecture could not be recovered (read hyperparameters: {mace_hparams(original)})"
         )
+
+
+# ---------------------------------------------------------------------------- cuEquivariance (CUDA)
+
+
+def cueq_unavailable(device: str | torch.device = "cuda") -> str | None:
+    """Why cuEquivariance kernels cannot run on ``device`` (None when they can)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return f"cuEquivariance kernels need a CUDA device (got {device!s}, CUDA available: {torch.cuda.is_available()})"
+    try:
+        import cuequivariance_torch  # noqa: F401
+    except ImportError as exc:
+        return f"cuequivariance-torch is not installed (pip install 'alflow[cueq]'): {exc}"
+    return None
+
+
+def with_cueq(model: torch.nn.Module, device: str | torch.device = "cuda") -> torch.nn.Module:
+    """A copy of a :class:`MACEPotential`, or of a committee of them, whose mace-torch modules run
+    NVIDIA cuEquivariance kernels on ``device`` (mace-torch's own e3nn→cuEq weight transfer).
+
+    For evaluation (MD, scoring): the copy's parameter layout is cuEq's, so save the original,
+    not the copy. Other models are returned unchanged; raises ``RuntimeError`` with the reason
+    when cuEquivariance cannot run (:func:`cueq_unavailable`).
+    """
+    reason = cueq_unavailable(device)
+    if reason is not None:
+        raise RuntimeError(f"with_cueq: {reason}")
+    convert = e3nn_compat.import_mace("mace.cli.convert_e3nn_cueq")
+    device = torch.device(device)
+    copy_ = copy.deepcopy(model).to(device)
+    members = list(copy_.members) if hasattr(copy_, "members") else [copy_]
+    dtype = torch.get_default_dtype()
+    try:
+        for member in members:
+            if isinstance(member, MACEPotential) and not getattr(member, "cueq", False):
+                member.model = convert.run(member.model, device=device.type, return_model=True).to(device)
+                member.cueq = True
+    finally:
+        torch.set_default_dtype(dtype)  # the converter sets the default dtype to the model's
+    if hasattr(copy_, "_apply"):
+        copy_._apply(lambda t: t)  # a committee drops its cached stacked parameters
+    return copy_
+
+
+def maybe_cueq(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """:func:`with_cueq` where it can run (CUDA and cuequivariance-torch installed), else ``model`` as it is."""
+    has_mace = any(isinstance(m, MACEPotential) for m in getattr(model, "members", [model]))
+    return with_cueq(model, device) if has_mace and cueq_unavailable(device) is None else model

@@ -24,7 +24,7 @@ from potentials.committee import FORCE_DEVIATION, Committee
 # every registered architecture; MACE takes ~10 s per member to build (TorchScript), so it is `slow`
 ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a == "mace" else a for a in potentials.available()]
 # must take the vmapped path (the others may fall back, with one warning, and must still be exact)
-MUST_VECTORIZE = {"schnet", "painn"}
+MUST_VECTORIZE = {"schnet", "painn", "mace"}
 
 
 class PairMLP(Potential):

@@ -354,3 +354,47 @@ def test_mace_run_train_model_through_alflow(tmp_path: Path) -> None:
                                    rtol=1e-6, atol=1e-6 * np.abs(forces).max())
         np.testing.assert_allclose(out[keys.STRESS][0].detach().numpy(), stress,
                                    rtol=1e-6, atol=1e-6 * np.abs(stress).max())
+
+
+# ---------------------------------------------------------------------------- committees
+
+
+def test_vmapped_committee_equals_member_loop() -> None:
+    """A MACE committee takes the vmapped path (no fallback warning) and equals the member loop (float64)."""
+    import warnings
+
+    from potentials.committee import Committee
+
+    committee = Committee.build("mace", 3, species=["Cu", "Au"], cutoff=CUTOFF, seed=3, **SMALL).double().eval()
+    for k, member in enumerate(committee.members):  # members differ in their buffers too
+        member.scale.fill_(0.7 + 0.1 * k)
+        member.shift.fill_(0.01 * k)
+    batch = atoms_to_batch([cu_au_cell(11), cu_au_cell(12, reps=(1, 1, 2))], CUTOFF, dtype=torch.float64)
+    committee.vectorize = False
+    loop = committee(batch, forces=True, stress=True)
+    committee.vectorize = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a vmap fallback warns: fail instead
+        vmapped = committee(batch, forces=True, stress=True)
+    assert committee.vectorized
+    assert float(loop[keys.FORCES_VAR].max()) > 1e-10  # the members genuinely differ
+    for key in (keys.ENERGIES, keys.FORCES_COMM, keys.STRESS_COMM, keys.MAX_FORCE_DEVIATION):
+        torch.testing.assert_close(vmapped[key], loop[key], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuequivariance_gives_the_same_numbers() -> None:
+    """On CUDA with cuequivariance-torch: the cuEq copy of a committee equals the e3nn one."""
+    from potentials.committee import Committee
+    from potentials.mace import cueq_unavailable, with_cueq
+
+    reason = cueq_unavailable("cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    committee = Committee.build("mace", 2, species=["Cu", "Au"], cutoff=CUTOFF, seed=4, **SMALL).double().eval().cuda()
+    batch = {k: v.cuda() for k, v in atoms_to_batch([cu_au_cell(13)], CUTOFF, dtype=torch.float64).items()}
+    reference = committee(batch, forces=True, stress=True)
+    fast = with_cueq(committee, "cuda")(batch, forces=True, stress=True)
+    assert all(getattr(m, "cueq", False) for m in with_cueq(committee, "cuda").members)
+    for key in (keys.ENERGIES, keys.FORCES_COMM, keys.STRESS_COMM):
+        torch.testing.assert_close(fast[key], reference[key], rtol=1e-6, atol=1e-6)
