@@ -39,6 +39,7 @@ __all__ = [
     "neighbor_list",
     "batch_neighbor_list",
     "edge_vectors",
+    "SkinNeighborList",
 ]
 
 
@@ -561,3 +562,124 @@ def _batch_torch(positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: flo
     cells_in = cells if _is_torch(cells) else np.asarray(cells, dtype=np.float64)
     return _torch_neighbors(pos, cells_in, _as_pbc(pbc, n_structures), batch, cutoff, "cells", numpy_out)
 
+
+
+# ----------------------------------------------------------------------------- Verlet skin (batched MD)
+
+
+class SkinNeighborList:
+    """A batched neighbor list with a Verlet skin, rebuilt only when it may have gone stale.
+
+    ``nl = SkinNeighborList(cutoff, skin=0.5)``; ``edge_index, shifts = nl(positions, cells, pbc, batch)``
+    returns every pair within ``cutoff + skin`` (Å) in ``alflow.graph``'s convention: edge_index (2, E)
+    int64 with row 0 = i (centre), row 1 = j, and shifts (E, 3) integer cell shifts in the positions'
+    dtype, so D = r_j - r_i + shifts @ cells[batch[i]]. Consumers filter by distance (or use a cutoff
+    function that is zero beyond ``cutoff``).
+
+    Rebuild rule, per structure b (cells may change: NPT): with F = cell0⁻¹·cell the deformation since
+    the last build and δ the largest displacement of an atom measured in the build cell's frame
+    (fractional coordinates now × cell0 − positions then), a pair outside the list has
+    |D| ≥ (1 − ‖F − I‖) (cutoff + skin − 2δ); the list is kept while that bound is ≥ cutoff for every
+    structure, so no pair within ``cutoff`` is ever missing. Without cell change this is the usual
+    "no atom moved more than skin/2". Any change of the atom set (N, ``batch``, number of structures,
+    ``pbc``, dtype) also rebuilds. The check runs on the device; one boolean is read back per call
+    (a single host sync), plus the search's own syncs on a rebuild.
+
+    Positions must not be wrapped into the cell between calls (a wrapped atom jumps a lattice vector,
+    which forces a rebuild). ``batch`` must be sorted (structures contiguous), as everywhere in alflow.
+    ``rebuilds`` counts the builds; ``reset()`` forgets the list.
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5, device: Any = None, backend: str | None = None) -> None:
+        if torch is None:  # pragma: no cover
+            raise NeighborListError("SkinNeighborList needs torch")
+        self.cutoff = _check_cutoff(cutoff)
+        try:
+            skin_value = float(skin)
+        except (TypeError, ValueError):
+            raise NeighborListError(f"skin: expected a non-negative number in Å, got {skin!r}") from None
+        if not np.isfinite(skin_value) or skin_value < 0.0:
+            raise NeighborListError(f"skin: expected a non-negative finite number in Å, got {skin!r}")
+        self.skin = skin_value
+        self.device = torch.device(device) if device is not None else None
+        self.backend = backend
+        self.rebuilds = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current list: the next call rebuilds."""
+        self._state: dict[str, Any] | None = None
+
+    # -- the check ---------------------------------------------------------------------------------
+
+    def _is_stale(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> bool:
+        state = self._state
+        if state is None:
+            return True
+        old = state["positions"]
+        if (
+            positions.shape != old.shape
+            or positions.dtype != state["dtype"]
+            or positions.device != old.device
+            or cells.shape != state["cells"].shape
+            or batch.shape != state["batch"].shape
+        ):
+            return True
+        changed = (batch != state["batch"]).any() | (pbc != state["pbc"]).any()
+        full = _complete_cells(cells.detach().to(torch.float64), pbc)
+        deformation = state["inverse0"] @ full  # F = cell0^-1 cell, (B, 3, 3)
+        eye = torch.eye(3, dtype=torch.float64, device=full.device)
+        shrink = 1.0 - torch.linalg.norm((deformation - eye).reshape(-1, 9), dim=1)  # <= smallest singular value of F
+        mapped = torch.einsum("nx,nxy->ny", positions.detach().to(torch.float64), (torch.linalg.inv(full) @ state["full0"])[batch])
+        moved = ((mapped - old) ** 2).sum(dim=1)
+        worst = torch.zeros(cells.shape[0], dtype=torch.float64, device=full.device)
+        worst = worst.scatter_reduce(0, batch, moved, "amax").sqrt()
+        reach = (self.cutoff + self.skin - 2.0 * worst) * shrink
+        stale = changed | (shrink <= 0).any() | (reach < self.cutoff).any()
+        return bool(stale)  # the one host sync per call
+
+    # -- the call ------------------------------------------------------------------------------------
+
+    def __call__(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> tuple[Any, Any]:
+        """(edge_index (2, E) int64, shifts (E, 3) in the positions' dtype) for pairs within cutoff + skin."""
+        device = self.device or positions.device
+        positions = positions.to(device)
+        cells = cells.to(device).reshape(-1, 3, 3)
+        pbc = (pbc if _is_torch(pbc) else torch.as_tensor(np.asarray(pbc))).to(device=device, dtype=torch.bool)
+        pbc = pbc.expand(cells.shape[0], 3) if pbc.ndim < 2 else pbc
+        batch = batch.to(device=device, dtype=torch.int64)
+        if positions.ndim != 2 or positions.shape[1] != 3:
+            raise NeighborListError(f"positions: expected shape (N, 3), got {tuple(positions.shape)}")
+        if batch.shape != (positions.shape[0],):
+            raise NeighborListError(f"batch: expected shape ({positions.shape[0]},) (one index per atom), got {tuple(batch.shape)}")
+        if self._is_stale(positions, cells, pbc, batch):
+            self._build(positions, cells, pbc, batch)
+        state = self._state
+        assert state is not None
+        return state["edge_index"], state["shifts"]
+
+    def _build(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> None:
+        n_structures = cells.shape[0]
+        counts = torch.bincount(batch, minlength=n_structures) if batch.numel() else batch.new_zeros(n_structures)
+        if batch.numel() and (bool((batch[1:] < batch[:-1]).any()) or int(batch[-1]) >= n_structures):
+            raise NeighborListError(
+                f"batch: expected sorted structure indices in [0, {n_structures}) (structures contiguous), "
+                f"got {batch.tolist()[:20]}"
+            )
+        nl = batch_neighbor_list(
+            positions.detach(), cells.detach(), pbc, counts, self.cutoff + self.skin, backend=self.backend
+        )
+        i, j, S = (x if _is_torch(x) else torch.from_numpy(np.asarray(x)) for x in (nl.i, nl.j, nl.S))
+        full0 = _complete_cells(cells.detach().to(torch.float64), pbc)
+        self._state = {
+            "positions": positions.detach().to(torch.float64).clone(),
+            "dtype": positions.dtype,
+            "cells": cells.detach().clone(),
+            "pbc": pbc.clone(),
+            "batch": batch.clone(),
+            "full0": full0,
+            "inverse0": torch.linalg.inv(full0),
+            "edge_index": torch.stack([i, j]).to(device=positions.device, dtype=torch.int64),
+            "shifts": S.to(device=positions.device, dtype=positions.dtype),
+        }
+        self.rebuilds += 1
