@@ -38,6 +38,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow import keys
+from alflow.devices import resolve_device  # noqa: F401 - the one device resolver (re-exported)
 from alflow.graph import atoms_to_batch
 
 ENERGIES_COMM = "energies_comm"  # the committee members' energies (K,), eV
@@ -52,13 +53,6 @@ COMMITTEE_RESULTS = (
     keys.MAX_FORCE_DEVIATION,
     keys.ENERGY_DEVIATION_PER_ATOM,
 )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None → CUDA when available, else CPU; anything else as given."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class AlflowCalculator(Calculator):

@@ -8,9 +8,11 @@ and ``run(args) -> int``. Modules are imported only when their command runs, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from alflow.errors import AlflowError
 
@@ -19,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "check a run configuration (YAML) and report every error with its field path"),
     "schema": ("schema", "print the JSON schema of the run configuration (for editors)"),
     "data": ("data", "inspect and import labelled datasets (summary, import, export, split, e0)"),
-    "label": ("label", "label frames with an oracle (EMT, GPAW, QE, CP2K, xtb, any ASE calculator)"),
+    "label": ("label", "label frames with an oracle (a built-in code, listed by `alflow label --help`, or any ASE calculator)"),
     "select": ("select", "choose frames to label from scored trajectories"),
     "train": ("train", "train a committee of potentials on a labelled dataset"),
     "md": ("md", "run MD walkers (ASE or i-PI) with a committee and score every frame"),
@@ -65,6 +67,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AlflowError as err:  # every error a user can fix: its message, no traceback
         print(f"alflow {name}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a file that cannot be read or written (missing directory, full disk, permissions)
+        print(f"alflow {name}: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, an OSError that names no file (a write on a full disk) names ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+        raise
+
+
+def os_error_message(err: OSError) -> str:
+    """``PATH: reason`` for an OSError (the file it names; a full disk says so and what to do)."""
+    import errno
+
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (the disk or quota is full: free space there, or write elsewhere)"
+    elif err.errno == errno.EFBIG:
+        reason += " (the file size limit was reached: ulimit -f, or the file system's limit)"
+    where = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(where)}: {reason}" if where else f"{type(err).__name__}: {reason}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,9 +21,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from alflow.errors import InputError
+from alflow.oracles import BUILTIN as BUILTIN_ORACLES  # the one oracle table (alflow.oracles.ORACLES)
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
-BUILTIN_ORACLES = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
 Ensemble = Literal["nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso", "pimd"]
 ASE_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso"})
 IPI_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "npt-iso", "npt-aniso", "pimd"})  # no Nose-Hoover in i-PI
@@ -219,7 +219,7 @@ class WalkerConfig(_Model):
     strain: float = Field(0.02, gt=-1, lt=1, description="Isotropic strain for start=strained (fraction).")
     miller: tuple[int, int, int] = Field((1, 1, 1), description="Surface orientation for start=surface.")
     vacuum: float = Field(10.0, gt=0, description="Vacuum thickness for start=surface (Å).")
-    seed: int | None = Field(None, description="Random seed; null derives one from the run seed and walker index.")
+    seed: int | None = Field(None, ge=0, lt=2**62, description="Random seed (>= 0); null derives one from the run seed and walker index.")
     replicas: int = Field(1, ge=1, description="Independent copies of this walker.")
 
     @field_validator("temperature")
@@ -380,7 +380,7 @@ class RunConfig(_Model):
 
     name: str = Field(min_length=1, description="Run name.")
     run_dir: Annotated[Path, AfterValidator(_resolve)] | None = Field(None, description="Output directory; default runs/<name> next to the config file.")
-    seed: int = Field(0, description="Master random seed.")
+    seed: int = Field(0, ge=0, lt=2**62, description="Master random seed (>= 0: numpy and torch refuse negative seeds).")
     system: SystemConfig
     potential: PotentialConfig = Field(default_factory=PotentialConfig)
     committee: CommitteeConfig = Field(default_factory=CommitteeConfig)

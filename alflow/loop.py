@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from alflow.errors import RuntimeFailure
+from alflow.errors import InputError, RuntimeFailure
 from alflow.config import (
     ConfigError,
     LoopConfig,
@@ -74,6 +74,10 @@ class StageError(RuntimeFailure):
     """A stage cannot produce a usable result (e.g. every label failed)."""
 
 
+class RunStateError(InputError):
+    """A run directory's state.json (or metrics.jsonl) that cannot be read: corrupt, truncated, not this format."""
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -92,11 +96,16 @@ def stage_key(stage: str, iteration: int | None) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: name the file (the write itself does not)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
     with contextlib.suppress(OSError):
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -114,7 +123,16 @@ def read_state(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / STATE
     if not path.is_file():
         return {"version": 1, "stages": {}, "iterations": [], "status": "new", "final_model": None, "sessions": []}
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunStateError(f"{path}: not readable as an alflow run state ({err}); it is written atomically, so "
+                            "something else changed it: restore it from a backup, or start a new run_dir") from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict) \
+            or not isinstance(state.get("iterations"), list):
+        raise RunStateError(f"{path}: not an alflow run state (expected a JSON object with 'stages' and "
+                            "'iterations'); restore it from a backup, or start a new run_dir")
+    return state
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -122,7 +140,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunStateError(f"{path}, line {n}: not a JSON row ({err}); it is rewritten from state.json "
+                                    "by the next `alflow run`") from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -162,6 +188,8 @@ def iteration_row(iteration: int, train: dict, explore: dict, select: dict, labe
         "iteration": iteration,
         "dataset_size": train["n_frames"],
         "train_seconds": train["seconds"],
+        "train_epochs": train.get("train_epochs"),  # epochs summed over the members (alflow.train)
+        "train_fit_seconds": train.get("train_seconds"),  # of train_seconds, the training itself
         "alpha": train["alpha"],
         "valid_energy_mae": valid.get("energy_mae"),
         "valid_forces_rmse": valid.get("forces_rmse"),
@@ -228,6 +256,9 @@ class LoopRun:
         A config that differs outside ``name``, ``run_dir``, ``loop`` and ``execution`` is
         an error (ConfigError naming the keys) unless ``force``.
         """
+        from alflow.preflight import preflight
+
+        preflight(config)  # before the run directory exists: nothing is spent on a config that cannot run here
         run_dir = Path(config.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

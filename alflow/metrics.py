@@ -23,19 +23,10 @@ from ase import Atoms
 from torch import nn
 
 from alflow import keys
+from alflow.devices import resolve_device  # noqa: F401 - re-exported: the one device resolver
 from alflow.graph import STRESS_MASK, atoms_to_batch
 
 UNITS = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å³"}
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None → CUDA when available, else CPU; anything else as torch reads it."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return device
 
 
 def members_of(model: nn.Module) -> list[nn.Module]:

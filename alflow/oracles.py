@@ -1,6 +1,8 @@
 """Oracles: the reference calculators that label frames, built by name, plus the k-point convention.
 
-An oracle is any ASE calculator. Built-in names (``build_calculator``):
+An oracle is any ASE calculator. Built-in names (``build_calculator``), one row each in
+``ORACLES`` (the one table: config literals, CLI help, dispatch, availability checks and the
+``docs/labelling.md`` table, tied by a test, derive from it):
 
 ==========  =========  ==============================================================
 name        source     defaults (override any key with ``parameters``)
@@ -46,17 +48,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, ground_state_magnetic_moments
 from alflow.errors import InputError
 
-BUILTIN = ("emt", "gpaw", "espresso", "cp2k", "xtb", "chgnet", "sevenn", "vasp")
-SOURCES = {"gpaw": "dft", "espresso": "dft", "cp2k": "dft", "vasp": "dft", "chgnet": "teacher", "sevenn": "teacher"}
 DEFAULT_KPOINT_DENSITY = 3.5  # points per Å⁻¹ (ASE's default kptdensity)
 ESPRESSO_PSEUDO_DIR = "/usr/share/espresso/pseudo"
 CP2K_DATA_DIR = "/usr/share/cp2k/data"
-LOG_FILES = {"gpaw": "gpaw.txt", "espresso": "espresso.pwo", "cp2k": "cp2k.out", "vasp": "OUTCAR"}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
@@ -288,8 +290,80 @@ def _vasp(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_o
     return Vasp(directory=str(directory), **{**defaults, **p}), _is_3d(atoms)
 
 
-BUILDERS = {"emt": _emt, "gpaw": _gpaw, "espresso": _espresso, "cp2k": _cp2k, "xtb": _xtb,
-            "chgnet": _chgnet, "sevenn": _sevenn, "vasp": _vasp}
+@dataclass(frozen=True)
+class Oracle:
+    """One built-in oracle: how to build it, what it needs, where its log goes."""
+
+    name: str
+    source: str  # label source: "dft", "teacher" or "reference"
+    build: Callable[..., tuple[Any, bool]]  # (parameters, atoms, kpoint density, directory, gamma_only) -> (calc, stress?)
+    module: str | None = None  # Python module it imports (availability check, code version)
+    executable: str | None = None  # default command, checked on PATH (parameters["command"] overrides it)
+    log_file: str | None = None  # the code's own output file in the task directory
+    env_command: tuple[str, ...] = ()  # environment variables that hold the command instead (vasp)
+
+
+# The one table of built-in oracles (module docstring). Add a row here and a row in docs/labelling.md.
+ORACLES: dict[str, Oracle] = {o.name: o for o in (
+    Oracle("emt", "reference", _emt, module="ase"),
+    Oracle("gpaw", "dft", _gpaw, module="gpaw", log_file="gpaw.txt"),
+    Oracle("espresso", "dft", _espresso, executable="pw.x", log_file="espresso.pwo"),
+    Oracle("cp2k", "dft", _cp2k, executable="cp2k_shell", log_file="cp2k.out"),
+    Oracle("xtb", "reference", _xtb, module="tblite"),
+    Oracle("chgnet", "teacher", _chgnet, module="chgnet"),
+    Oracle("sevenn", "teacher", _sevenn, module="sevenn"),
+    Oracle("vasp", "dft", _vasp, log_file="OUTCAR", env_command=("ASE_VASP_COMMAND", "VASP_COMMAND", "VASP_SCRIPT")),
+)}
+BUILTIN = tuple(ORACLES)
+SOURCES = {name: o.source for name, o in ORACLES.items()}
+LOG_FILES = {name: o.log_file for name, o in ORACLES.items() if o.log_file}
+BUILDERS = {name: o.build for name, o in ORACLES.items()}
+
+
+def missing_requirement(oracle: str, parameters: dict[str, Any] | None = None) -> str | None:
+    """Why ``oracle`` cannot run on this machine (a module that is not installed, a command not on PATH), or None.
+
+    Cheap (no import of the code itself, nothing is calculated). ``worker_pythonpath`` in ``parameters``
+    (a teacher installed elsewhere) skips the module check: the label worker imports from there.
+    """
+    import importlib.util
+    import shlex
+    import shutil
+
+    parameters = parameters or {}
+    spec = ORACLES.get(oracle.lower())
+    if spec is None and "worker_pythonpath" in parameters:
+        return None  # the class is importable in the worker only (its own import path)
+    if spec is None:
+        try:
+            import_class(oracle)
+        except OracleError as err:
+            return str(err)
+        return None
+    if spec.module and "worker_pythonpath" not in parameters:
+        try:
+            found = importlib.util.find_spec(spec.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"oracle {spec.name!r}: Python module {spec.module!r} is not installed (see docs/labelling.md)"
+    command = parameters.get("command")
+    if command is None and spec.env_command:
+        command = next((os.environ[v] for v in spec.env_command if os.environ.get(v)), None)
+        if command is None:
+            return f"oracle {spec.name!r}: no command: set ${spec.env_command[0]} or parameters.command"
+        if spec.env_command[-1] == "VASP_SCRIPT" and os.environ.get("VASP_SCRIPT") == command:
+            return None  # a Python script ASE runs itself
+    command = command or spec.executable
+    if command:
+        try:
+            program = command_argv(command)[0]
+        except OracleError:
+            return f"oracle {spec.name!r}: cannot read the command {command!r}"
+        if shutil.which(program) is None:
+            return (f"oracle {spec.name!r}: executable {program!r} not found on PATH"
+                    f"{'' if parameters.get('command') else ' (set parameters.command to its path)'}")
+    return None
 
 
 def import_class(path: str) -> type:
@@ -319,8 +393,10 @@ def build_calculator(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = oracle.lower()
-    if name in BUILDERS:
-        return BUILDERS[name](dict(parameters), atoms, kpoint_density, directory, gamma_only)
+    if name in ORACLES:
+        if ORACLES[name].executable and (problem := missing_requirement(name, parameters)):
+            raise OracleError(problem)  # not a bare AssertionError from a shell that could not start the code
+        return ORACLES[name].build(dict(parameters), atoms, kpoint_density, directory, gamma_only)
     cls = import_class(oracle)
     try:
         calc = cls(**parameters)
@@ -345,11 +421,10 @@ def code_version(oracle: str) -> str:
     """Version of the code behind ``oracle`` from package metadata (no import), for cache keys; "" if unknown."""
     from importlib import metadata
 
-    dist = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}.get(oracle.lower())
-    if dist is None:
-        if oracle.lower() in ("espresso", "cp2k", "vasp"):
-            return oracle.lower()  # executables: no package metadata
-        dist = oracle.split(":")[0].split(".")[0]
+    spec = ORACLES.get(oracle.lower())
+    if spec is not None and spec.module is None:
+        return spec.name  # executables: no package metadata
+    dist = spec.module if spec is not None else oracle.split(":")[0].split(".")[0]
     try:
         return f"{dist} {metadata.version(dist)}"
     except metadata.PackageNotFoundError:

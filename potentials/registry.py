@@ -138,7 +138,9 @@ def model_from_checkpoint(payload: dict[str, Any]) -> Potential:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
     """Load a Potential (or a Committee) from ``path`` onto ``device`` (default: CUDA if present)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from alflow.devices import resolve_device
+
+    device = resolve_device(device)  # before reading: an unusable device fails first, as DeviceError
     payload = read_checkpoint(path, device="cpu")
     kind = payload.get("kind", "potential")
     if kind == "potential":

@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from alflow.oracles import BUILTIN
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("frames", nargs="+", help="structure files (extxyz, ...) with the frames to label")
     parser.add_argument("--dataset", required=True, help="dataset directory (created if absent)")
-    parser.add_argument("--oracle", default=None, help="emt, gpaw, espresso, cp2k, xtb, chgnet, sevenn, vasp or module:Class")
+    parser.add_argument("--oracle", default=None, help=f"{', '.join(BUILTIN)} or module:Class")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="oracle parameter (YAML value; dotted keys nest: mode.ecut=400); repeatable")
     parser.add_argument("--fallback", action="append", default=[], metavar="YAML",
@@ -100,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError, FileNotFoundError, DatasetError) as err:
         print(f"alflow label: {err}", file=sys.stderr)
         return 2
+    from alflow.oracles import OracleError, missing_requirement
+
+    if problem := missing_requirement(cfg.oracle, cfg.parameters):  # before any worker starts
+        raise OracleError(f"labelling.oracle: {problem}")
     ds = Dataset(args.dataset)
     workdir = Path(args.workdir) if args.workdir else ds.path / "labelling"
     print(f"labelling {len(frames)} frame(s) with {cfg.oracle} -> {ds.path} (work: {workdir})", file=sys.stderr)

@@ -27,7 +27,14 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"alflow md: {exc}", file=sys.stderr)
         return 2
+    from alflow.devices import resolve_device
+
+    resolve_device(args.device or config.execution.device, what="--device" if args.device else "execution.device")
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(2, "no such model file (--model)", args.model)
     out = Path(args.out) if args.out else Path(config.run_dir) / "md"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(17, "exists and is not a directory (--out)", str(out))
     results = explore(config, args.model, out, device=args.device, progress=not args.no_progress)
     width = max(len(r["name"]) for r in results)
     for r in results:

@@ -14,10 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alflow.cli import writing
     from alflow.report import write_report
 
     try:
-        html = write_report(args.run_dir)
+        with writing(args.run_dir):  # a full disk names the run directory
+            html = write_report(args.run_dir)
     except FileNotFoundError as err:
         print(f"alflow report: {err}", file=sys.stderr)
         return 2

@@ -61,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
+    from alflow.preflight import preflight
+
+    preflight(config, config_path)  # files, hyperparameters, oracle, device: before any label is computed
     stored = Path(config.run_dir) / CONFIG
     if run_is_complete(config) and not config_changes(load_config(stored), config):
         from alflow.loop import LoopRun, read_state
@@ -84,16 +87,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+KEPT = "every finished stage is kept in the run directory's state.json"
+FIX_INPUT = (f"{KEPT}; fix what is named above, then rerun the same command (add --force if that changed the "
+             "configuration outside name, run_dir, loop and execution)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from alflow.cli import os_error_message
     from alflow.config import ConfigError
-    from alflow.loop import RunLockedError
+    from alflow.errors import AlflowError
+    from alflow.loop import RunLockedError, RunStateError
 
     try:
         return _run(args)
-    except (ConfigError, RunLockedError) as err:
+    except (ConfigError, RunLockedError, RunStateError) as err:
         print(f"alflow run: {err}", file=sys.stderr)
         return 2
+    except AlflowError as err:  # bad input found while a stage ran (exit 2), or the stage failed (1)
+        advice = FIX_INPUT if err.exit_code == 2 else f"{KEPT}; rerun the same command to resume"
+        print(f"alflow run: {err}\n{advice}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # a file that cannot be written (a full disk) or read
+        print(f"alflow run: {os_error_message(err)}\n{KEPT}; fix it, then rerun the same command to resume",
+              file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - a failed stage: state.json keeps what finished
-        print(f"alflow run: {type(err).__name__}: {err}\nevery finished stage is kept in the run directory's "
-              "state.json; rerun the same command to resume", file=sys.stderr)
+        print(f"alflow run: {type(err).__name__}: {err}\n{KEPT}; rerun the same command to resume once its cause "
+              "is fixed", file=sys.stderr)
         return 1

@@ -37,6 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
 
 
+def check_output_file(path: str, option: str) -> None:
+    """An output file ``path`` can be created: its directory exists and it is not a directory itself."""
+    from alflow.errors import FileMissingError, InputError
+
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileMissingError(f"{option} {path}: directory {parent} does not exist (create it first)")
+    if target.is_dir():
+        raise InputError(f"{option} {path}: is a directory; expected a file name")
+
+
 def _format(summary: dict) -> str:
     head = (f"{summary['n_frames']} frame(s): {summary['n_accurate']} accurate, {summary['n_candidate']} candidate, "
             f"{summary['n_failed']} failed; {summary['n_filtered']} filtered, {summary['n_near_dataset']} near dataset, "
@@ -59,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from alflow.select import load_scored, select_frames
 
     try:
+        for option in ("out", "rejected", "summary"):  # before any work: where the results go must exist
+            if (value := getattr(args, option)) is not None:
+                check_output_file(value, f"--{option}")
         base = load_config(args.config).selection.model_dump() if args.config else {}
         for name in (*OVERRIDES, "strategy", "diversity"):
             if getattr(args, name) is not None:
@@ -72,14 +87,24 @@ def run(args: argparse.Namespace) -> int:
                              for e in err.errors(include_url=False))
         print(f"alflow select: {problems}", file=sys.stderr)
         return 2
-    except (ValueError, ConfigError, FileNotFoundError) as err:
+    except (ValueError, ConfigError) as err:
         print(f"alflow select: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    write_extxyz_atomic(sel.frames, args.out)
+    except OSError as err:  # a missing trajectory or dataset: the file and the reason
+        from alflow.cli import os_error_message
+
+        print(f"alflow select: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    from alflow.cli import writing
+
+    with writing(args.out):
+        write_extxyz_atomic(sel.frames, args.out)
     if args.rejected:
-        write_extxyz_atomic(sel.rejected, args.rejected)
+        with writing(args.rejected):
+            write_extxyz_atomic(sel.rejected, args.rejected)
     if args.summary:
-        Path(args.summary).write_text(json.dumps(sel.summary, indent=1))
+        with writing(args.summary):
+            Path(args.summary).write_text(json.dumps(sel.summary, indent=1))
     print(_format(sel.summary))
     print(f"wrote {len(sel.frames)} frame(s) to {args.out}")
     return 0

@@ -67,7 +67,13 @@ def _run(args: argparse.Namespace) -> int:
     from alflow.train import train_committee
     from potentials.committee import Committee
 
+    from alflow.devices import resolve_device
+
     cfg = load_config(args.config)
+    resolve_device(args.device or cfg.execution.device, what="--device" if args.device else "execution.device")
+    if pot_checkpoint := cfg.potential.checkpoint:
+        if not Path(pot_checkpoint).is_file():
+            raise FileNotFoundError(2, "no such model file (potential.checkpoint)", pot_checkpoint)
     data = args.data or cfg.system.initial_dataset
     if data is None:
         raise ValueError("no dataset: give --data PATH or set system.initial_dataset in the configuration")
@@ -83,23 +89,28 @@ def _run(args: argparse.Namespace) -> int:
     committee.to(getattr(torch, pot.dtype))
     init_from = potentials.load(pot.checkpoint, device="cpu") if pot.checkpoint else None
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "train"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(17, "exists and is not a directory (--out)", str(out))
     device = args.device or cfg.execution.device
     print(f"training {cfg.committee.size} x {pot.architecture} on {len(frames)} frame(s) from {data} "
           f"(device {device}, {pot.dtype}{', bootstrap' if cfg.committee.bootstrap else ''}"
           f"{', warm start from ' + str(pot.checkpoint) if init_from is not None else ''})")
-    result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap, device=device,
-                             seed=cfg.seed, out_dir=out, progress=not args.quiet, init_from=init_from)
-    print(summary_table(result))
-    print(f"split: {len(result.train_idx)} train / {len(result.valid_idx)} valid / {len(result.test_idx)} test")
-    if cfg.committee.calibrate:
-        from alflow.committee import calibrate_if_enough
+    from alflow.cli import writing
 
-        committee.eval()
-        alpha, note = calibrate_if_enough(committee, [frames[k] for k in result.valid_idx],
-                                          cfg.committee.calibration_min_frames)
-        potentials.save(committee, out / "committee.pt")
-        print(note or f"calibration: alpha = {alpha:.3g} on {len(result.valid_idx)} validation frame(s), stored")
-    print(f"wrote {result.checkpoint} and {result.metrics_path}")
+    with writing(out):  # a write on a full disk names the output directory
+        result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap, device=device,
+                                 seed=cfg.seed, out_dir=out, progress=not args.quiet, init_from=init_from)
+        print(summary_table(result))
+        print(f"split: {len(result.train_idx)} train / {len(result.valid_idx)} valid / {len(result.test_idx)} test")
+        if cfg.committee.calibrate:
+            from alflow.committee import calibrate_if_enough
+
+            committee.eval()
+            alpha, note = calibrate_if_enough(committee, [frames[k] for k in result.valid_idx],
+                                              cfg.committee.calibration_min_frames)
+            potentials.save(committee, out / "committee.pt")
+            print(note or f"calibration: alpha = {alpha:.3g} on {len(result.valid_idx)} validation frame(s), stored")
+        print(f"wrote {result.checkpoint} and {result.metrics_path}")
     return 0
 
 
@@ -112,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDivergedError as err:
         print(f"alflow train: {err}", file=sys.stderr)
         return 1
-    except (ConfigError, ValueError, OSError, TrainingError) as err:  # DatasetError/UnknownElementError are ValueErrors
+    except OSError as err:  # a missing file or directory, a full disk: the file and the reason
+        from alflow.cli import os_error_message
+
+        print(f"alflow train: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError, TrainingError) as err:  # DatasetError/UnknownElementError are ValueErrors
         print(f"alflow train: {err}", file=sys.stderr)
         return 2

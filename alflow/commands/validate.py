@@ -1,4 +1,11 @@
-"""``alflow validate CONFIG...``: check run configurations and report every error with its field path."""
+"""``alflow validate CONFIG...``: check run configurations and report every error with its field path.
+
+Besides the file itself (``alflow.config.load_config``), each configuration is checked against
+this machine and its files as ``alflow run`` does before its first oracle call
+(``alflow.preflight``: structure, dataset and model files, hyperparameter names, the oracle,
+the device); ``--file-only`` skips that (a configuration meant for another machine).
+Exit status: 0 all valid, 2 if any file is invalid.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +19,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML run configuration file(s)")
     parser.add_argument("--resolved", action="store_true",
                         help="also print each valid configuration with all defaults filled in and paths resolved")
+    parser.add_argument("--file-only", action="store_true",
+                        help="check the file only, not its files, oracle and device on this machine")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print ``OK <path>: <summary>`` per valid file, the error list otherwise; 1 if any file is invalid."""
+    """Print ``OK <path>: <summary>`` per valid file, the error list otherwise; 2 if any file is invalid."""
+    from alflow.preflight import preflight
+
     status = 0
     for path in args.configs:
         try:
             cfg = load_config(path)
+            if not args.file_only:
+                preflight(cfg, path)
         except ConfigError as exc:
             print(f"ERROR {exc}", file=sys.stderr)
-            status = 1
+            status = 2
             continue
         print(f"OK {path}: {cfg.summary()}")
         if args.resolved:

@@ -22,14 +22,8 @@ import torch
 from ase import Atoms
 
 from alflow import keys
+from alflow.devices import resolve_device
 from alflow.graph import atoms_to_batch
-
-
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' (or None) → CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -47,7 +41,7 @@ class ModelEvaluator:
     """
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = "auto") -> None:
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.dtype = model_dtype(self.model)
         self.cutoff = float(model.cutoff)

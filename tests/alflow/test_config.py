@@ -276,7 +276,7 @@ def test_cli_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_validate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = write(tmp_path, "name: t\nsystem: {build: {element: Cu}}\ntraining: {lr: -1}\n", "bad.yaml")
-    assert main(["validate", str(EXAMPLE), str(bad)]) == 1
+    assert main(["validate", str(EXAMPLE), str(bad)]) == 2  # bad input: exit 2, as every command
     captured = capsys.readouterr()
     assert "OK " in captured.out
     assert "bad.yaml" in captured.err and "training.lr: Input should be greater than 0 (got -1)" in captured.err

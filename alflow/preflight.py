@@ -1,0 +1,193 @@
+"""Checks of a run configuration against this machine and its files, before anything is spent.
+
+``load_config`` checks the configuration on its own (types, ranges, NaN/inf, field names);
+``preflight(config)`` checks what only the machine and the files can tell, so that
+``alflow validate`` and the start of ``alflow run`` fail before the first oracle call
+instead of after the initial set is labelled:
+
+- ``potential.architecture`` / ``potential.hparams``: the names against the architecture's
+  own constructor (``potentials.get_class(name).hparam_names()``), then one model built with
+  the run's species and cutoff (bad values fail here); no NaN/inf anywhere in the values;
+- ``potential.checkpoint``: a readable alflow model file that matches the potential section
+  (architecture, hyperparameters, cutoff) and covers the run's species;
+- ``system.structures``: files that exist and parse; ``system.initial_dataset``: a file that
+  exists, parses and carries energy and force labels;
+- ``labelling``: the oracle can run here (module installed, executable on PATH:
+  ``alflow.oracles.missing_requirement``); no NaN/inf in its parameters;
+- ``execution.device``: usable here (``alflow.devices.resolve_device``).
+
+The oracle and device checks apply when the stages run on this machine (every task runner
+but Dask with a scheduler address, whose workers may have other codes and devices).
+Every problem is listed, each naming its field, in one :class:`alflow.config.ConfigError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from alflow.config import ConfigError, RunConfig
+
+_DONE: set[str] = set()  # configs already checked in this process (the run command, then the flow)
+
+
+def _non_finite(value: Any, where: str) -> list[str]:
+    """``where.key: expected a finite number`` for every NaN/inf float inside nested dicts/lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where}: expected a finite number (got {value!r})"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{where}.{i}")]
+    return []
+
+
+def runs_here(config: RunConfig) -> bool:
+    """Whether the stages run on this machine (not on the workers of a remote Dask scheduler)."""
+    return not (config.execution.task_runner == "dask" and config.execution.dask_address)
+
+
+def _structures(config: RunConfig, problems: list[str]) -> list[Any]:
+    from alflow.explore.runner import system_structures
+
+    for i, path in enumerate(config.system.structures or []):
+        if not Path(path).is_file():
+            problems.append(f"system.structures.{i}: {path}: no such file")
+    if any(p.startswith("system.structures") for p in problems):
+        return []
+    try:
+        return system_structures(config.system)
+    except Exception as err:  # noqa: BLE001 - any reader error is a bad structure file
+        problems.append(f"system.structures: cannot read: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        return []
+
+
+def _initial_dataset(config: RunConfig, problems: list[str]) -> set[int]:
+    from alflow.io import read_frames
+    from alflow.keys import REF_ENERGY, REF_FORCES
+
+    path = config.system.initial_dataset
+    if path is None:
+        return set()
+    if not Path(path).exists():
+        problems.append(f"system.initial_dataset: {path}: no such file")
+        return set()
+    try:
+        frames = read_frames(path)
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"system.initial_dataset: {path}: cannot read ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+        return set()
+    if not frames:
+        problems.append(f"system.initial_dataset: {path}: no frames")
+    for i, atoms in enumerate(frames):
+        if REF_ENERGY not in atoms.info or REF_FORCES not in atoms.arrays:
+            problems.append(f"system.initial_dataset: {path}, frame {i}: no energy/forces labels")
+            break
+    return {int(z) for a in frames for z in a.numbers}
+
+
+def _potential(config: RunConfig, species: list[int], problems: list[str]) -> None:
+    import potentials
+
+    pot = config.potential
+    problems += _non_finite(pot.hparams, "potential.hparams")
+    try:
+        allowed = potentials.get_class(pot.architecture).hparam_names()
+    except Exception as err:  # noqa: BLE001 - an architecture whose module cannot be imported here
+        problems.append(f"potential.architecture: {pot.architecture!r} cannot be loaded here ({err})")
+        return
+    unknown = sorted(set(pot.hparams) - set(allowed))
+    if unknown:
+        problems.append(f"potential.hparams: unknown hyperparameter(s) {', '.join(unknown)} for {pot.architecture!r}; "
+                        f"allowed: {', '.join(allowed) or '(none)'}")
+        return
+    if any(p.startswith("potential.hparams") for p in problems):
+        return
+    try:
+        with warnings.catch_warnings():  # e3nn's TorchScript notes on building MACE: not the user's concern here
+            warnings.simplefilter("ignore")
+            model = potentials.build(pot.architecture, species or [1], pot.cutoff, **pot.hparams)
+    except Exception as err:  # noqa: BLE001 - a bad value: its own message
+        problems.append(f"potential.hparams: {pot.architecture!r} cannot be built with these values "
+                        f"({type(err).__name__}: {err})")
+        return
+    if pot.checkpoint is not None:
+        _checkpoint(config, model, species, problems)
+
+
+def _checkpoint(config: RunConfig, model: Any, species: list[int], problems: list[str]) -> None:
+    from potentials.registry import metadata, read_checkpoint
+
+    path = config.potential.checkpoint
+    if not Path(path).is_file():
+        problems.append(f"potential.checkpoint: {path}: no such model file")
+        return
+    try:
+        payload = read_checkpoint(path, device="cpu")
+    except Exception as err:  # noqa: BLE001 - CheckpointError names the file
+        problems.append(f"potential.checkpoint: {err}")
+        return
+    meta = payload["metadata"]
+    metas = meta.get("members", []) if payload.get("kind") == "committee" else [meta]
+    if not metas:
+        problems.append(f"potential.checkpoint: {path}: a committee without members")
+        return
+    want = metadata(model)
+    diffs = [f"{key} {metas[0].get(key)!r} in the file, {want[key]!r} in the configuration"
+             for key in ("architecture", "hparams", "cutoff") if metas[0].get(key) != want[key]]
+    if diffs:
+        problems.append(f"potential.checkpoint: {path} does not match the potential section ({'; '.join(diffs)})")
+    elif species and set(species) - set(metas[0].get("species", [])):
+        from ase.data import chemical_symbols
+
+        missing = sorted(set(species) - set(metas[0].get("species", [])))
+        problems.append(f"potential.checkpoint: {path} has no weights for element(s) "
+                        f"{', '.join(chemical_symbols[z] for z in missing)} of this run")
+
+
+def _labelling(config: RunConfig, problems: list[str]) -> None:
+    from alflow.oracles import missing_requirement
+
+    lab = config.labelling
+    problems += _non_finite(lab.parameters, "labelling.parameters")
+    problems += _non_finite(lab.fallback_parameters, "labelling.fallback_parameters")
+    if runs_here(config) and (problem := missing_requirement(lab.oracle, lab.parameters)):
+        problems.append(f"labelling.oracle: {problem}")
+
+
+def _device(config: RunConfig, problems: list[str]) -> None:
+    from alflow.devices import resolve_device
+    from alflow.errors import DeviceError
+
+    if not runs_here(config):
+        return
+    try:
+        resolve_device(config.execution.device, what="execution.device")
+    except DeviceError as err:
+        problems.append(str(err))
+
+
+def problems(config: RunConfig) -> list[str]:
+    """Every problem ``preflight`` finds, one line each naming its field (empty: nothing found)."""
+    found: list[str] = []
+    structures = _structures(config, found)
+    species = {int(z) for s in structures for z in s.numbers} | _initial_dataset(config, found)
+    _potential(config, sorted(species), found)
+    _labelling(config, found)
+    _device(config, found)
+    return found
+
+
+def preflight(config: RunConfig, source: str | Path | None = None) -> None:
+    """Raise one ConfigError listing every problem (module docstring); a config checked before passes at once."""
+    key = config.model_dump_json()
+    if key in _DONE:
+        return
+    found = problems(config)
+    if found:
+        where = source or config.name
+        head = f"{where}: cannot run here ({len(found)} problem{'s' * (len(found) != 1)}; nothing was computed)"
+        raise ConfigError("\n  ".join([head, *found]), errors=found, path=source)
+    _DONE.add(key)
