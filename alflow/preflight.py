@@ -11,7 +11,7 @@ instead of after the initial set is labelled:
 - ``potential.checkpoint``: a readable alflow model file that matches the potential section
   (architecture, hyperparameters, cutoff) and covers the run's species;
 - ``system.structures``: files that exist and parse; ``system.initial_dataset``: a file that
-  exists, parses and carries energy and force labels;
+  exists, parses and holds frames the dataset accepts (``alflow.io.validate_frame``);
 - ``labelling``: the oracle can run here (module installed, executable on PATH:
   ``alflow.oracles.missing_requirement``); no NaN/inf in its parameters;
 - ``execution.device``: usable here (``alflow.devices.resolve_device``).
@@ -65,8 +65,7 @@ def _structures(config: RunConfig, problems: list[str]) -> list[Any]:
 
 
 def _initial_dataset(config: RunConfig, problems: list[str]) -> set[int]:
-    from alflow.io import read_frames
-    from alflow.keys import REF_ENERGY, REF_FORCES
+    from alflow.io import read_frames, validate_frame
 
     path = config.system.initial_dataset
     if path is None:
@@ -81,9 +80,11 @@ def _initial_dataset(config: RunConfig, problems: list[str]) -> set[int]:
         return set()
     if not frames:
         problems.append(f"system.initial_dataset: {path}: no frames")
-    for i, atoms in enumerate(frames):
-        if REF_ENERGY not in atoms.info or REF_FORCES not in atoms.arrays:
-            problems.append(f"system.initial_dataset: {path}, frame {i}: no energy/forces labels")
+    for i, atoms in enumerate(frames):  # the checks the dataset makes on import, before anything is spent
+        try:
+            validate_frame(atoms, f"system.initial_dataset: {path}, frame {i}")
+        except ValueError as err:
+            problems.append(str(err))
             break
     return {int(z) for a in frames for z in a.numbers}
 

@@ -101,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
         result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap, device=device,
                                  seed=cfg.seed, out_dir=out, progress=not args.quiet, init_from=init_from)
         print(summary_table(result))
+        extra = result.extra or {}
+        print(f"members trained {extra.get('members_mode', 'sequential')} on {extra.get('device', device)}, "
+              f"{extra.get('epochs', sum(m.epochs for m in result.members))} epochs in all, {result.seconds:.1f} s")
         print(f"split: {len(result.train_idx)} train / {len(result.valid_idx)} valid / {len(result.test_idx)} test")
         if cfg.committee.calibrate:
             from alflow.committee import calibrate_if_enough
