@@ -190,6 +190,8 @@ def iteration_row(iteration: int, train: dict, explore: dict, select: dict, labe
         "train_seconds": train["seconds"],
         "train_epochs": train.get("train_epochs"),  # epochs summed over the members (alflow.train)
         "train_fit_seconds": train.get("train_seconds"),  # of train_seconds, the training itself
+        "train_epochs": train.get("train_epochs"),  # epochs summed over the members (alflow.train)
+        "train_fit_seconds": train.get("train_seconds"),  # of train_seconds, the training itself
         "alpha": train["alpha"],
         "valid_energy_mae": valid.get("energy_mae"),
         "valid_forces_rmse": valid.get("forces_rmse"),

@@ -190,7 +190,7 @@ def iteration_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     """Header and rows of the per-iteration table (fractions in %, E in meV/atom, F in eV/Å, times in s)."""
     head = ["iter", "frames trained", "explored", "accurate %", "candidate %", "failed %", "selected", "labels added",
             "label failures", "valid E MAE meV/atom", "valid F RMSE eV/Å", "new-frame F RMSE eV/Å", "alpha",
-            "train s", "explore s", "label s", "walkers", "stop"]
+            "train s", "train epochs", "explore s", "label s", "walkers", "stop"]
     body = []
     for r in rows:
         sec = r.get("seconds", {})
@@ -200,6 +200,7 @@ def iteration_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
                      str(r["labels_added"]) if r.get("labelled") else "-", str(r["label_failures"]),
                      _fmt(r.get("valid_energy_mae"), ".2f", 1e3), _fmt(r.get("valid_forces_rmse")),
                      _fmt(r.get("new_forces_rmse")), _fmt(r.get("alpha"), ".3g"), _fmt(sec.get("train"), ".1f"),
+                     _fmt(r.get("train_epochs")),
                      _fmt(sec.get("explore"), ".1f"), _fmt(sec.get("label"), ".1f"),
                      " ".join(f"{k}:{v}" for k, v in sorted(r.get("walker_status", {}).items())), r.get("stop") or ""])
     return head, body

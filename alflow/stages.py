@@ -153,6 +153,7 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     return {"committee": _rel(out / "committee.pt", run_dir), "n_frames": len(frames), "n_train": len(result.train_idx),
             "n_valid": len(result.valid_idx), "n_test": len(result.test_idx), "alpha": float(alpha),
             "calibration_note": note, "warm_start": init_from is not None, "train_seconds": result.seconds,
+            "train_epochs": sum(m.epochs for m in result.members), "members_mode": result.extra.get("members_mode"),
             "valid": metrics.get("valid", {}), "train": metrics.get("train", {}), "test": metrics.get("test", {}),
             "members": [{"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
                          "seconds": m.seconds} for m in result.members]}

@@ -2,6 +2,15 @@
 
     python benchmarks/training.py [--frames 500] [--members 4] [--archs schnet painn]
                                   [--max-time 120] [--threads 1] [--device cpu] [--no-warm]
+    python benchmarks/training.py --speed [--speed-epochs 2] [--device cuda]   # old vs new trainer only
+
+0. ``--speed`` (or ``--speed-too``): the trainer before issue 13 (``alflow/train.py`` at commit
+   ``OLD_COMMIT``, read with ``git show``: members one after another, frames collated per step,
+   a host read per step) against the new one (``alflow.train``: packed graphs gathered by index,
+   sequential and grouped members, optionally an atom budget), committee of ``--members``
+   SchNets (first ``MODELS`` entry), batch ``--batch-size``, ``--speed-epochs`` epochs each,
+   no early stop; seconds per committee epoch (training + validation of every member) from the
+   members' histories, interleaved old/new ``--repeats`` times (best of).
 
 1. ``alflow.datasets.cu_emt_dataset(500, seed=0)`` (cached in benchmarks/.cache/),
    split 80/10/10 by seed 0 (train/valid/test, shared by every member).
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -60,6 +70,66 @@ def first_time_below(history: tuple[dict, ...], threshold: float) -> float | Non
     return next((h["seconds"] for h in history if h["valid_forces_rmse"] <= threshold), None)
 
 
+OLD_COMMIT = "6ff0ba3"  # alflow/train.py before issue 13
+
+
+def old_trainer():
+    """``alflow/train.py`` as of ``OLD_COMMIT``, imported as ``alflow._train_before_issue13``."""
+    import importlib.util
+
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:alflow/train.py"], capture_output=True,
+                            text=True, check=True).stdout
+    spec = importlib.util.spec_from_loader("alflow._train_before_issue13", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{OLD_COMMIT}:alflow/train.py", "exec"), module.__dict__)
+    return module
+
+
+def committee_epoch_seconds(result, grouped: bool) -> float:
+    """Mean seconds per committee epoch (epochs >= 1: training + validation of every member) from the histories."""
+    def per_epoch(history):
+        s = [h["seconds"] for h in history]
+        return [b - a for a, b in zip(s[:-1], s[1:])]
+
+    if grouped:  # the members share one clock
+        return float(np.mean(per_epoch(result.members[0].history)))
+    return float(sum(np.mean(per_epoch(m.history)) for m in result.members))
+
+
+def speed(args: argparse.Namespace, frames: list, report: dict) -> None:
+    """Old trainer vs new trainer: seconds per committee epoch (see module doc, step 0)."""
+    arch = args.archs[0]
+    cutoff, hp, lr = MODELS[arch]
+    old = old_trainer()
+    base = dict(epochs=args.speed_epochs, batch_size=args.batch_size, lr=lr, patience=10**6, ema_decay=0.99,
+                grad_clip=10.0, energy_weight=10.0, forces_weight=10.0, valid_fraction=0.1, test_fraction=0.1)
+    runs = {"old (before issue 13)": (old.train_committee, {}),
+            "new, sequential members": (train_committee, {"members": "sequential"}),
+            "new, grouped members": (train_committee, {"members": "grouped"})}
+    if args.batch_atoms:
+        runs[f"new, grouped, batch_atoms {args.batch_atoms}"] = (train_committee, {"members": "grouped",
+                                                                                   "batch_atoms": args.batch_atoms})
+    best: dict[str, float] = {}
+    print(f"\n## speed: committee of {args.members} {arch} ({hp}), batch {args.batch_size}, "
+          f"{args.speed_epochs} epochs per run, device {args.device}, best of {args.repeats} interleaved rounds")
+    for r in range(args.repeats):
+        for name, (fn, extra) in runs.items():
+            committee = Committee.build(arch, args.members, ["Cu"], cutoff, seed=0, **hp)
+            result = fn(committee, frames, TrainingConfig(**base, **extra), device=args.device, seed=0, progress=False)
+            grouped = (result.extra or {}).get("members_mode") == "grouped"
+            sec = committee_epoch_seconds(result, grouped)
+            best[name] = min(best.get(name, math.inf), sec)
+            print(f"round {r}: {name:<36} {sec:8.2f} s per committee epoch  (valid F RMSE "
+                  f"{result.metrics['valid']['forces_rmse']:.4f} eV/Å after {result.members[0].epochs} epochs)")
+    ref = best["old (before issue 13)"]
+    print(f"{'path':<36} {'s / committee epoch':>20} {'speed-up vs old':>16}")
+    for name, sec in best.items():
+        print(f"{name:<36} {sec:>20.2f} {ref / sec:>15.2f}x")
+    report["speed"] = {"arch": arch, "hparams": hp, "batch_size": args.batch_size, "epochs": args.speed_epochs,
+                       "repeats": args.repeats, "seconds_per_committee_epoch": best}
+
+
 def config(args: argparse.Namespace, lr: float) -> TrainingConfig:
     return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, patience=args.patience,
                           ema_decay=0.99, grad_clip=10.0, energy_weight=10.0, forces_weight=10.0,
@@ -80,6 +150,11 @@ def main() -> int:
     p.add_argument("--no-warm", action="store_true", help="skip the warm-start comparison")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--speed", action="store_true", help="only the old vs new trainer speed comparison")
+    p.add_argument("--speed-too", action="store_true", help="the speed comparison, then the accuracy runs")
+    p.add_argument("--speed-epochs", type=int, default=2, help="epochs per speed run")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the speed comparison (best of)")
+    p.add_argument("--batch-atoms", type=int, default=None, help="also time grouped members with this atom budget")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # one-off import of torch._dynamo, outside the timings
@@ -95,6 +170,13 @@ def main() -> int:
                          "cached": cached}
     print(f"dataset: {len(frames)} frames, {report['dataset']['atoms']} atoms, "
           f"{'read from cache' if cached else 'generated'} in {report['dataset']['seconds']:.1f} s ({path})")
+
+    if args.speed or args.speed_too:
+        speed(args, frames, report)
+        if args.speed:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+            return 0
 
     report["committees"] = {}
     first = None

