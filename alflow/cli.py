@@ -78,7 +78,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.filename is None:
+        if err.filename is None and err.errno is not None:  # a kernel error without a file; not our own messages
             raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
         raise
 
@@ -87,6 +87,8 @@ def os_error_message(err: OSError) -> str:
     """``PATH: reason`` for an OSError (the file it names; a full disk says so and what to do)."""
     import errno
 
+    if err.errno is None:  # raised with a message of its own, which names the file
+        return str(err)
     reason = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += " (the disk or quota is full: free space there, or write elsewhere)"

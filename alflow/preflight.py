@@ -173,6 +173,11 @@ def _device(config: RunConfig, problems: list[str]) -> None:
 def problems(config: RunConfig) -> list[str]:
     """Every problem ``preflight`` finds, one line each naming its field (empty: nothing found)."""
     found: list[str] = []
+    run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        found.append(f"run_dir: {run_dir} exists and is not a directory")
+    elif (parent := next((p for p in run_dir.parents if p.exists()), None)) is not None and not parent.is_dir():
+        found.append(f"run_dir: {parent} (a parent of {run_dir}) is not a directory")
     structures = _structures(config, found)
     species = {int(z) for s in structures for z in s.numbers} | _initial_dataset(config, found)
     _potential(config, sorted(species), found)

@@ -91,6 +91,8 @@ MISTAKES = [
     ("schema-full-disk", ["schema", "-o", "/dev/full"], ["/dev/full", "No space left"],
      (pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full"),)),
     ("report-corrupt-state", ["report", "{root}/corrupt_run"], ["state.json"], ()),
+    ("report-not-a-run-dir", ["report", "{a_file}"], ["a_file", "state.json"], ()),
+    ("train-data-not-a-dataset", ["train", "{config}", "--data", "{root}", "--quiet"], ["no dataset"], ()),
     ("run-corrupt-state", ["run", "{root}/corrupt.yaml", "--no-prefect"], ["state.json"], ()),
     ("label-missing-cp2k", ["label", "{labelled}", "--dataset", "{root}/ds_cp2k", "--oracle", "cp2k", "--no-progress"],
      ["cp2k_shell", "PATH"], (pytest.mark.skipif(shutil.which("cp2k_shell") is not None, reason="cp2k is installed"),)),
@@ -141,6 +143,7 @@ def _bad_configs(files: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
          ["potential.checkpoint", "cutoff"]),
         ("negative-seed", config_text(run / "i") + "seed: -1\n", ["seed"]),
         ("negative-walker-seed", config_text(run / "j").replace("stride: 5}", "stride: 5, seed: -3}"), ["seed"]),
+        ("run-dir-is-a-file", config_text(files["a_file"]), ["run_dir", "not a directory"]),
         ("oracle-not-installed", config_text(run / "k") + "labelling: {oracle: no_such_pkg.calc:Calc}\n",
          ["labelling.oracle", "no_such_pkg"]),
     ]
@@ -148,7 +151,7 @@ def _bad_configs(files: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
 
 BAD_IDS = ["unknown-hparam", "hparam-bad-value", "hparam-nan", "missing-structure", "missing-initial-dataset",
            "unlabelled-initial-dataset", "missing-checkpoint", "checkpoint-mismatch", "negative-seed",
-           "negative-walker-seed", "oracle-not-installed"]
+           "negative-walker-seed", "run-dir-is-a-file", "oracle-not-installed"]
 
 
 @pytest.mark.parametrize("case", BAD_IDS)
