@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
-from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow import keys
 from alflow.devices import resolve_device  # noqa: F401 - the one device resolver (re-exported)
 from alflow.graph import atoms_to_batch
+from alflow.voigt import to_voigt
 
 ENERGIES_COMM = "energies_comm"  # the committee members' energies (K,), eV
 
@@ -93,7 +93,7 @@ class AlflowCalculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy, "energies": out[keys.NODE_ENERGY],
                         "forces": out[keys.FORCES]}
         if want_stress:
-            self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.STRESS][0])
+            self.results["stress"] = to_voigt(out[keys.STRESS][0])
         if self.is_committee:
             self.results.update(self._committee_results(out, want_stress))
 
@@ -109,5 +109,5 @@ class AlflowCalculator(Calculator):
             keys.ENERGY_DEVIATION_PER_ATOM: float(out[keys.ENERGY_DEVIATION_PER_ATOM][0]),
         }
         if stress:
-            results[keys.STRESS_COMM] = np.stack([full_3x3_to_voigt_6_stress(s) for s in out[keys.STRESS_COMM][:, 0]])
+            results[keys.STRESS_COMM] = to_voigt(out[keys.STRESS_COMM][:, 0])
         return results

@@ -21,12 +21,15 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from alflow.errors import InputError
+from alflow.ensembles import ENSEMBLES
+from alflow.ensembles import NAMES as ENSEMBLE_NAMES
+from alflow.ensembles import for_engine as ensembles_for
 from alflow.oracles import BUILTIN as BUILTIN_ORACLES  # the one oracle table (alflow.oracles.ORACLES)
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
-Ensemble = Literal["nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso", "pimd"]
-ASE_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso"})
-IPI_ENSEMBLES = frozenset({"nve", "nvt-langevin", "nvt-svr", "npt-iso", "npt-aniso", "pimd"})  # no Nose-Hoover in i-PI
+Ensemble = Literal[ENSEMBLE_NAMES]  # the one ensemble table: alflow.ensembles.ENSEMBLES
+ASE_ENSEMBLES = frozenset(ensembles_for("ase"))
+IPI_ENSEMBLES = frozenset(ensembles_for("ipi"))  # no Nose-Hoover in i-PI
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _REPR_MAX = 80
 
@@ -234,9 +237,10 @@ class WalkerConfig(_Model):
     @classmethod
     def _pressure(cls, v: float | list[float] | None, info: ValidationInfo) -> float | list[float] | None:
         ensemble = info.data.get("ensemble", "")
-        if v is None and ensemble.startswith("npt"):
+        rule = ENSEMBLES[ensemble].pressure if ensemble in ENSEMBLES else "optional"
+        if v is None and rule == "required":
             raise ValueError(f"pressure (GPa) is required for ensemble {ensemble!r}")
-        if v is not None and (ensemble == "nve" or ensemble.startswith("nvt")):
+        if v is not None and rule == "forbidden":
             raise ValueError(f"pressure is not allowed for ensemble {ensemble!r}")
         if isinstance(v, list) and not v:
             raise ValueError("a pressure ramp needs at least one value")

@@ -19,6 +19,7 @@ from ase import Atoms
 
 from alflow import keys
 from alflow.neighbors import batch_neighbor_list
+from alflow.voigt import to_matrix
 
 STRESS_MASK = "stress_mask"
 
@@ -26,12 +27,9 @@ STRESS_MASK = "stress_mask"
 def voigt_to_matrix(stress: np.ndarray) -> np.ndarray:
     """ASE Voigt (xx, yy, zz, yz, xz, xy) → (3, 3); a (3, 3) input is returned as is."""
     s = np.asarray(stress, dtype=float)
-    if s.shape == (3, 3):
-        return s
-    if s.shape != (6,):
+    if s.shape not in ((6,), (3, 3)):
         raise ValueError(f"stress: expected 6 Voigt components or a 3x3 matrix, got shape {s.shape}")
-    xx, yy, zz, yz, xz, xy = s
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return to_matrix(s)  # the one Voigt conversion (alflow.voigt)
 
 
 def build_batch(

@@ -25,10 +25,10 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
-from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow.keys import REF_ENERGY, REF_FORCES, REF_STRESS
 from alflow.errors import InputError
+from alflow.voigt import to_voigt
 
 TMP_PREFIX = ".tmp-"
 HASH_DECIMALS = 6  # Å
@@ -41,11 +41,9 @@ class DatasetError(InputError):
 def voigt_stress(stress: object) -> np.ndarray:
     """Stress (6,) Voigt or (3, 3) full, eV/Å³ → float64 Voigt (6,), ASE order xx yy zz yz xz xy."""
     arr = np.asarray(stress, dtype=float)
-    if arr.shape == (3, 3):
-        return np.asarray(full_3x3_to_voigt_6_stress(arr), dtype=float)
-    if arr.shape == (6,):
-        return arr.copy()
-    raise ValueError(f"stress must have shape (6,) or (3, 3), got {arr.shape}")
+    if arr.shape not in ((6,), (3, 3)):
+        raise ValueError(f"stress must have shape (6,) or (3, 3), got {arr.shape}")
+    return to_voigt(arr)  # the one Voigt conversion (alflow.voigt)
 
 
 def labels_from_calc(atoms: Atoms) -> Atoms:

@@ -32,6 +32,7 @@ from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from alflow import keys
+from alflow.ensembles import for_engine as ensembles_for
 from alflow.explore.evaluator import LockstepBatcher, ModelEvaluator
 from alflow.explore.frames import (  # noqa: F401 - re-exported: the one writer every engine shares
     DONE,
@@ -45,7 +46,7 @@ from alflow.explore.frames import (  # noqa: F401 - re-exported: the one writer 
     write_results,
 )
 
-ENSEMBLES = ("nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso")
+ENSEMBLES = ensembles_for("ase")  # the one ensemble table: alflow.ensembles
 
 
 @dataclass

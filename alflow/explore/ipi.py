@@ -33,9 +33,10 @@ from ase import Atoms, units
 from ase.io import read, write
 
 from alflow import keys
+from alflow.ensembles import for_engine as ensembles_for
 from alflow.committee import scores as committee_scores
 
-IPI_ENSEMBLES = ("nve", "nvt-svr", "nvt-langevin", "npt-iso", "npt-aniso", "pimd")
+IPI_ENSEMBLES = ensembles_for("ipi")  # the one ensemble table: alflow.ensembles
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""One table per concept: what derives from the oracle, ensemble and Voigt tables agrees with them.
+
+The oracle list lived in eight places and the ensemble list in five, and they drifted; now each
+lives once (``alflow.oracles.ORACLES``, ``alflow.ensembles.ENSEMBLES``) and these tests tie the
+config literals, the CLI help, the engines' own lists and the docs tables to them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start: end if end > 0 else len(text)]
+
+
+def test_docs_labelling_lists_exactly_the_oracle_table() -> None:
+    from alflow.oracles import ORACLES
+
+    table = _section((DOCS / "labelling.md").read_text(), "## Oracles")
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \|", table, flags=re.M)
+    documented = {name: source for name, source in rows if ":" not in name}
+    assert set(documented) == set(ORACLES), "docs/labelling.md and alflow.oracles.ORACLES list different oracles"
+    assert documented == {name: o.source for name, o in ORACLES.items()}, "a label source differs from the table"
+
+
+def test_config_cli_and_dispatch_derive_from_the_oracle_table() -> None:
+    import argparse
+
+    from alflow import config, oracles
+    from alflow.commands import label
+
+    assert config.BUILTIN_ORACLES == oracles.BUILTIN == tuple(oracles.ORACLES)
+    assert oracles.BUILDERS == {name: o.build for name, o in oracles.ORACLES.items()}
+    assert set(oracles.LOG_FILES) <= set(oracles.ORACLES)
+    parser = argparse.ArgumentParser()
+    label.add_arguments(parser)
+    help_text = next(a.help for a in parser._actions if "--oracle" in a.option_strings)
+    assert all(name in help_text for name in oracles.ORACLES)
+    description = config.LabellingConfig.model_fields["oracle"].description
+    assert all(name in description for name in oracles.ORACLES)
+    for name in oracles.ORACLES:  # every built-in name validates, in any case
+        assert config.LabellingConfig(oracle=name.upper()).oracle == name
+
+
+def test_an_oracle_that_cannot_run_here_is_named_before_it_is_built(tmp_path: Path) -> None:
+    from ase.build import bulk
+
+    from alflow.oracles import OracleError, build_calculator, missing_requirement
+
+    assert missing_requirement("emt") is None
+    problem = missing_requirement("cp2k", {"command": "/nonexistent/cp2k_shell"})
+    assert problem is not None and "/nonexistent/cp2k_shell" in problem and "PATH" in problem
+    with pytest.raises(OracleError, match="not found on PATH"):  # was a bare AssertionError from ASE's shell
+        build_calculator("cp2k", {"command": "/nonexistent/cp2k_shell"}, bulk("Si"), directory=tmp_path)
+    assert "cannot import module" in (missing_requirement("no_such_module_x:Calc") or "")
+    assert missing_requirement("no_such_module_x:Calc", {"worker_pythonpath": str(tmp_path)}) is None
+
+
+def test_ensemble_lists_derive_from_the_one_table() -> None:
+    import typing
+
+    from alflow import config, ensembles
+    from alflow.explore import ase_md, ipi
+
+    assert typing.get_args(config.Ensemble) == ensembles.NAMES
+    assert ase_md.ENSEMBLES == ensembles.for_engine("ase")
+    assert ipi.IPI_ENSEMBLES == ensembles.for_engine("ipi")
+    assert config.ASE_ENSEMBLES == set(ensembles.for_engine("ase"))
+    assert config.IPI_ENSEMBLES == set(ensembles.for_engine("ipi"))
+    for name, spec in ensembles.ENSEMBLES.items():  # the config's pressure rule is the table's
+        ok = {"required": 0.0, "forbidden": None, "optional": None}[spec.pressure]
+        config.WalkerConfig(ensemble=name, pressure=ok)
+        bad = {"required": None, "forbidden": 0.0, "optional": "skip"}[spec.pressure]
+        if bad != "skip":
+            with pytest.raises(ValueError, match="pressure"):
+                config.WalkerConfig(ensemble=name, pressure=bad)
+
+
+def test_docs_exploration_lists_each_engines_ensembles() -> None:
+    from alflow.ensembles import for_engine
+
+    text = (DOCS / "exploration.md").read_text()
+    ase_table = _section(text, "## ASE walkers")
+    rows = re.findall(r"^\| (`[^|]+`) \|", ase_table, flags=re.M)
+    ase_documented = {name for row in rows for name in re.findall(r"`([^`]+)`", row)}
+    assert ase_documented == set(for_engine("ase"))
+    ipi_text = _section(text, "## i-PI").replace("\n", " ")
+    listed = re.sub(r"\([^)]*\)", "", re.search(r"Ensembles: (.*?)\.\s", ipi_text).group(1))  # not "(nbeads, ...)"
+    assert set(re.findall(r"`([a-z-]+)`", listed)) == set(for_engine("ipi"))
+
+
+def test_the_one_voigt_conversion_is_ases_and_every_user_calls_it() -> None:
+    import inspect
+
+    from alflow import calculator, graph, io
+    from alflow.voigt import to_matrix, to_voigt
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(5, 3, 3))
+    m = m + np.swapaxes(m, 1, 2)
+    np.testing.assert_allclose(to_voigt(m), full_3x3_to_voigt_6_stress(m))
+    np.testing.assert_allclose(to_matrix(to_voigt(m)), m)
+    np.testing.assert_allclose(to_matrix(to_voigt(m[0])), voigt_6_to_full_3x3_stress(to_voigt(m[0])))
+    np.testing.assert_allclose(io.voigt_stress(m[1]), to_voigt(m[1]))
+    np.testing.assert_allclose(graph.voigt_to_matrix(to_voigt(m[2])), m[2])
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        to_voigt(np.zeros(4))
+    for module in (calculator, graph, io):  # no private copy of the conversion left
+        source = inspect.getsource(module)
+        assert "full_3x3_to_voigt_6_stress" not in source and "[[xx, xy, xz]" not in source
