@@ -357,8 +357,8 @@ def missing_requirement(oracle: str, parameters: dict[str, Any] | None = None) -
     command = command or spec.executable
     if command:
         try:
-            program = command_argv(command)[0]
-        except OracleError:
+            program = shlex.split(command)[0] if isinstance(command, str) else str(list(command)[0])
+        except (ValueError, IndexError):
             return f"oracle {spec.name!r}: cannot read the command {command!r}"
         if shutil.which(program) is None:
             return (f"oracle {spec.name!r}: executable {program!r} not found on PATH"
