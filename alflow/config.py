@@ -275,6 +275,13 @@ class ExplorationConfig(_Model):
             if walker.ensemble not in allowed:
                 raise _fail(f"engine {self.engine!r} cannot run this ensemble; it supports {', '.join(sorted(allowed))}",
                             "walkers", i, "ensemble", got=walker.ensemble)
+            if self.engine == "ipi":  # i-PI ramps linearly between two set points (t_ramp/p_ramp), no further
+                for name in ("temperature", "pressure"):
+                    value = getattr(walker, name)
+                    if isinstance(value, list) and len(value) > 2:
+                        raise _fail("engine 'ipi' ramps linearly between two set points at most (i-PI's "
+                                    "t_ramp/p_ramp); give [start, end] or use engine 'ase'",
+                                    "walkers", i, name, got=value)
         return self
 
 

@@ -1,4 +1,4 @@
-"""From a run configuration to scored frames: the system, the walkers, either engine.
+"""From a run configuration to scored frames: the system, the walkers, any engine (batched, ase, ipi).
 
 :func:`system_structure` builds or reads the material (``system`` section) and
 :func:`explore` runs every walker of the ``exploration`` section through ASE or
@@ -72,23 +72,32 @@ def explore(config: RunConfig, model_path: str | Path, out_dir: str | Path, *, i
     out_dir = Path(out_dir)
     structures = structures or system_structures(config.system)
     device = device or config.execution.device
-    if config.exploration.engine == "ase":
+    if config.exploration.engine in ("ase", "batched"):
         import potentials
 
         specs = walker_specs(config, structures, iteration)
         model = potentials.load(model_path, device=None if device == "auto" else device)
-        results = run_walkers(specs, model, out_dir, upper=config.selection.upper,
-                              patience=config.exploration.uncertain_patience,
-                              min_distance=config.exploration.min_distance, device=device, progress=progress)
-        return [asdict(r) for r in results]
-    from alflow.explore.ipi import IPIRunSpec, run_ipi
+        rules = dict(upper=config.selection.upper, patience=config.exploration.uncertain_patience,
+                     min_distance=config.exploration.min_distance, device=device, progress=progress)
+        if config.exploration.engine == "batched":
+            from alflow.explore.batched import run_batched
 
-    results = []
-    for walker, atoms, seed, name in walker_starts(config, structures, iteration):
-        ipi_spec = IPIRunSpec(atoms=atoms, ensemble=walker.ensemble, temperature=float(np.ravel(walker.temperature)[0]),
-                              pressure=None if walker.pressure is None else float(np.ravel(walker.pressure)[0]),
-                              timestep=walker.timestep, steps=walker.steps, stride=walker.stride, nbeads=walker.nbeads,
-                              seed=seed, name=name)
-        results.append(asdict(run_ipi(ipi_spec, model_path, out_dir / name, device=device)))
+            results = run_batched(specs, model, out_dir, **rules)
+        else:
+            results = run_walkers(specs, model, out_dir, **rules)
+        return [asdict(r) for r in results]
+    from alflow.explore.ipi import IPIRunSpec, load_alpha, run_ipi_walkers
+    from alflow.explore.ipi_driver import StopRules
+
+    alpha = load_alpha(model_path)  # the committee's calibration: i-PI rescales the members by it
+    specs = [IPIRunSpec(atoms=atoms, ensemble=walker.ensemble, temperature=walker.temperature, pressure=walker.pressure,
+                        timestep=walker.timestep, steps=walker.steps, stride=walker.stride, nbeads=walker.nbeads,
+                        friction=walker.friction, seed=seed, alpha=alpha, name=name)
+             for walker, atoms, seed, name in walker_starts(config, structures, iteration)]
+    rules = StopRules(upper=config.selection.upper, patience=config.exploration.uncertain_patience,
+                      min_distance=config.exploration.min_distance)
+    # the walkers run concurrently; the limit is what they had one after another (600 s each)
+    results = [asdict(r) for r in run_ipi_walkers(specs, model_path, out_dir, rules=rules, device=device,
+                                                  wall_seconds=600.0 * max(1, len(specs)))]
     (out_dir / "walkers.json").write_text(json.dumps(results, indent=1))
     return results

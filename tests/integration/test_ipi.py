@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from ase.io import read
 import potentials
 from alflow import keys
 from alflow.explore.evaluator import ModelEvaluator
-from alflow.explore.ipi import IPI_SOCKET_PREFIX, IPIRunSpec, parse_run, read_active, read_extras, run_ipi, write_input
+from alflow.explore.ipi import (
+    IPI_SOCKET_PREFIX, IPIRunSpec, parse_run, read_active, read_extras, run_ipi, run_ipi_walkers, write_input,
+)
 from potentials.committee import Committee
 
 pytestmark = pytest.mark.slow  # each test starts an i-PI server (a few seconds of imports)
@@ -129,3 +132,66 @@ def test_driver_reports_missing_server(tmp_path, committee_file):
                            "--structure", str(tmp_path / "init.extxyz"), "--unix", "nobody-here", "--timeout", "1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no i-PI server" in proc.stderr
+
+
+def test_walkers_run_concurrently_served_in_batches_by_one_driver(tmp_path, committee_file):
+    """Two i-PI servers at once, one driver: a classical walker with a temperature ramp and friction, and a
+    2-bead ring polymer (two connections). The driver evaluates their requests together."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    ramp = IPIRunSpec(atoms=atoms, ensemble="nvt-langevin", temperature=[300.0, 600.0], friction=0.02, steps=8,
+                      stride=4, name="ramp")
+    pimd = IPIRunSpec(atoms=atoms, ensemble="pimd", nbeads=2, temperature=100.0, steps=8, stride=4, timestep=0.5,
+                      name="pimd")
+    results = run_ipi_walkers([ramp, pimd], committee_file, tmp_path, wall_seconds=240)
+    assert [r.status for r in results] == ["DONE", "DONE"], [r.message for r in results]
+    assert [r.steps for r in results] == [8, 8]
+    log = (tmp_path / "driver.log").read_text()
+    served = re.search(r"(\d+) evaluations in (\d+) committee calls \(2 server\(s\), 3 connection\(s\)\)", log)
+    assert served, log
+    evaluations, calls = int(served[1]), int(served[2])
+    assert evaluations == 9 + 2 * 9  # steps 0..8: one evaluation per step and bead
+    assert calls < evaluations  # requests of different servers and beads shared committee calls
+    xml = (tmp_path / "ramp" / "input.xml").read_text()
+    assert "<t_ramp>" in xml and "<tau units='femtosecond'>50</tau>" in xml  # friction 0.02/fs: tau = 50 fs
+    out = np.loadtxt(tmp_path / "ramp" / "simulation.out")
+    assert out[0, -1] == pytest.approx(300.0) and out[-1, -1] == pytest.approx(600.0)  # i-PI's target temperature
+    frames = read(results[0].trajectory, ":")
+    assert [f.info["temperature_K"] for f in frames] == [300.0, 450.0, 600.0]
+
+
+def test_a_vanished_server_ends_only_its_own_walker(tmp_path, committee_file):
+    """One driver, two servers; one is killed: the other runs to its end and the driver exits 1 (one gone)."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    ipi_exe = os.path.join(os.path.dirname(sys.executable), "i-pi")
+    servers, addresses = [], []
+    for name, steps in (("long", 100000), ("short", 30)):
+        address = f"alflow-test-{name}-{os.getpid()}"
+        write_input(IPIRunSpec(atoms=atoms, ensemble="nvt-svr", steps=steps, stride=10, name=name), tmp_path / name,
+                    address, wall_seconds=300)
+        servers.append(subprocess.Popen([ipi_exe, "input.xml"], cwd=tmp_path / name, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        addresses.append(address)
+    args = [sys.executable, "-m", "alflow.cli", "ipi-driver", "--model", str(committee_file),
+            "--structure", str(tmp_path / "long" / "init.extxyz")]
+    for address in addresses:
+        args += ["--unix", address]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "long" / "simulation.out").exists() or (tmp_path / "long" / "simulation.out").stat().st_size < 300:
+            assert time.monotonic() < deadline, "i-PI never produced output"
+            assert driver.poll() is None, driver.communicate()
+            time.sleep(0.2)
+        servers[0].send_signal(signal.SIGKILL)
+        servers[0].wait()
+        assert servers[1].wait(timeout=120) == 0  # the other walker finishes its 30 steps
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 1 and "server gone" in err
+        assert np.loadtxt(tmp_path / "short" / "simulation.out")[-1, 0] == 30
+    finally:
+        for p in (*servers, driver):
+            if p.poll() is None:
+                p.kill()
+        for address in addresses:
+            if os.path.exists(IPI_SOCKET_PREFIX + address):
+                os.unlink(IPI_SOCKET_PREFIX + address)
