@@ -348,28 +348,40 @@ def _search_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: floa
     bin_count = torch.bincount(atom_key, minlength=total_bins)
     bin_first = torch.cumsum(bin_count, 0) - bin_count
 
+    # Half shell: bin offsets o are enumerated in lexicographic order, and a pair (i, j, S) seen from i
+    # through offset o is (j, i, -S) seen from j through -o. Visit only o > 0 (the upper half of the
+    # enumeration) and o = 0 with j > i, then add the mirrored pairs: half the candidates, same full list.
+    columns = wrapped.t().contiguous()  # (3, N)
     widths = 2 * reach_bins + 1  # (B, 3) bin offsets per direction
     n_offsets = torch.prod(widths, dim=1)
-    block = max(1, _CHUNK // max(1, int(n_offsets.max())))
+    centre = (n_offsets - 1) // 2  # index of o = (0, 0, 0)
+    half = n_offsets - centre
+    block = max(1, _CHUNK // max(1, int(half.max())))
     parts_i, parts_j, parts_S = [], [], []
     for start in range(0, n_atoms, block):
         atoms = torch.arange(start, min(start + block, n_atoms), device=device)
-        per_atom = n_offsets[batch[atoms]]
+        per_atom = half[batch[atoms]]
         ends = torch.cumsum(per_atom, 0)
         n_pairs = int(ends[-1])
         owner = torch.repeat_interleave(atoms, per_atom, output_size=n_pairs)  # (atom, bin offset) pairs
-        local = torch.arange(n_pairs, device=device) - (ends - per_atom).repeat_interleave(per_atom, output_size=n_pairs)
         s_of = batch[owner]
+        local = torch.arange(n_pairs, device=device) + (centre[batch[atoms]] - ends + per_atom).repeat_interleave(
+            per_atom, output_size=n_pairs
+        )
         w = widths[s_of]
         offset = torch.stack([local // (w[:, 1] * w[:, 2]), (local // w[:, 2]) % w[:, 1], local % w[:, 2]], dim=1)
         target = atom_bin[owner] + offset - reach_bins[s_of]
         nb = n_bins[s_of]
         inside = atom_pbc[owner] | ((target >= 0) & (target < nb))
         keep = inside.all(dim=1)
-        owner, target, nb, s_of = owner[keep], target[keep], nb[keep], s_of[keep]
+        own_bin = local == centre[s_of]
+        owner, target, nb, s_of, own_bin = owner[keep], target[keep], nb[keep], s_of[keep], own_bin[keep]
         shift = torch.div(target, nb, rounding_mode="floor")  # cell shift of the visited bin (0 when non-periodic)
         key = bin_start[s_of] + ((target - shift * nb) * strides[s_of]).sum(dim=1)
-        size, first = bin_count[key], bin_first[key]
+        size, first = bin_count.index_select(0, key), bin_first.index_select(0, key)
+        # r_j - base is the pair vector of every atom j of the visited bin (base = r_i - shift @ cell)
+        base = wrapped.index_select(0, owner) - torch.bmm(shift.to(wrapped.dtype)[:, None, :], cells.index_select(0, s_of))[:, 0]
+        base = base.t().contiguous()  # (3, pairs): per-coordinate gathers and sums are several times faster than (n, 3) ones
         ends = torch.cumsum(size, 0)
         total = int(ends[-1]) if len(ends) else 0
         # split the candidates (atom i x atoms of one visited bin) into chunks of ~_CHUNK
@@ -384,21 +396,27 @@ def _search_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: floa
             n_cand = int(ends[b - 1] - (ends[a - 1] if a else 0))
             if n_cand == 0:
                 continue
-            pair = torch.repeat_interleave(torch.arange(a, b, device=device), sz, output_size=n_cand)
-            rank = torch.arange(n_cand, device=device) - (torch.cumsum(sz, 0) - sz).repeat_interleave(sz, output_size=n_cand)
-            i = owner[pair]
-            j = order[first[pair] + rank]
-            s = shift[pair]
-            vec = wrapped[j] - wrapped[i] + torch.einsum("ea,eax->ex", s.to(wrapped.dtype), cells[s_of[pair]])
-            hit = (vec * vec).sum(dim=1) < cutoff * cutoff
-            hit &= (i != j) | (s != 0).any(dim=1)
-            i, j, s = i[hit], j[hit], s[hit]
+            pair = torch.repeat_interleave(torch.arange(b - a, device=device), sz, output_size=n_cand)  # within the chunk
+            # index into ``order`` of candidate c: first[pair] + (c - start of pair's run) = c + jump[pair]
+            jump = first[a:b] - (torch.cumsum(sz, 0) - sz)
+            j = order.index_select(0, torch.arange(n_cand, device=device) + jump.index_select(0, pair))
+            pair += a
+            dist2 = torch.zeros(n_cand, dtype=columns.dtype, device=device)
+            for axis in range(3):
+                delta = columns[axis].index_select(0, j) - base[axis].index_select(0, pair)
+                dist2.addcmul_(delta, delta)
+            hit = torch.nonzero(dist2 < cutoff * cutoff).squeeze(1)
+            pair, j = pair.index_select(0, hit), j.index_select(0, hit)
+            i, sh = owner.index_select(0, pair), shift.index_select(0, pair)
+            real = torch.nonzero((j > i) | ~own_bin.index_select(0, pair)).squeeze(1)  # o = 0: each pair once, no self pair
+            i, j, sh = i.index_select(0, real), j.index_select(0, real), sh.index_select(0, real)
             parts_i.append(i)
             parts_j.append(j)
-            parts_S.append(s - wrap[j] + wrap[i])
+            parts_S.append(sh - wrap.index_select(0, j) + wrap.index_select(0, i))
     if not parts_i:
         return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=device)
-    return torch.cat(parts_i), torch.cat(parts_j), torch.cat(parts_S)
+    i, j, S = torch.cat(parts_i), torch.cat(parts_j), torch.cat(parts_S)
+    return torch.cat([i, j]), torch.cat([j, i]), torch.cat([S, -S])
 
 
 def _torch_neighbors(
