@@ -82,13 +82,37 @@ class NoStressEMT(_EMT):
         self.results.pop("stress", None)
 
 
+class BadShapeOnAl(_EMT):
+    """EMT, but for a frame containing Al the result is malformed: ``what`` = "forces" gives forces of
+    shape (N, 2), "energy" an energy of shape (2,), "stress" a stress of shape (4,)."""
+
+    def __init__(self, what: str = "forces", **kwargs):
+        super().__init__(**kwargs)
+        self.what = what
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if 13 not in self.atoms.numbers:
+            return
+        import numpy as np
+
+        if self.what == "forces":
+            self.results["forces"] = self.results["forces"][:, :2]
+        elif self.what == "energy":
+            self.results["energy"] = self.results["free_energy"] = np.array([1.0, 2.0])
+        elif self.what == "stress" and "stress" in self.results:
+            self.results["stress"] = self.results["stress"][:4]
+
+
 class SleepyHarmonic(Calculator):
-    """E = k/2 Σ_i |r_i - r̄|² (eV, k in eV/Å²) after sleeping ``delay`` s; numpy only, starts fast."""
+    """E = k/2 Σ_i |r_i - r̄|² (eV, k in eV/Å²) after sleeping ``delay`` s; numpy only, starts fast.
+
+    No other keyword arguments: a misspelt parameter fails when the calculator is built."""
 
     implemented_properties = ["energy", "forces"]
 
-    def __init__(self, delay: float = 0.0, k: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, delay: float = 0.0, k: float = 1.0):
+        super().__init__()
         self.delay, self.k = delay, k
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -104,4 +128,4 @@ def harmonic_energy(atoms, k: float = 1.0) -> float:
     return 0.5 * k * float((d**2).sum())
 
 
-__all__ = ["CrashOnAl", "FlakyEMT", "NoStressEMT", "SleepyEMT", "SleepyHarmonic", "harmonic_energy"]
+__all__ = ["BadShapeOnAl", "CrashOnAl", "FlakyEMT", "NoStressEMT", "SleepyEMT", "SleepyHarmonic", "harmonic_energy"]

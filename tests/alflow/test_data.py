@@ -506,3 +506,167 @@ def test_stable_split_keeps_every_frame_in_its_part_as_the_dataset_grows():
     assert stable_split(frames[::-1], (0.7, 0.2, 0.1), seed=3)[1].size == len(valid)  # order does not matter
     other = stable_split(frames, (0.7, 0.2, 0.1), seed=4)[1]
     assert set(other) != set(valid)  # the seed picks another split
+
+
+# -- hardening (issue 16, item 10): structures training rejects, conflicts, removal ----------------------
+def _flat(a: Atoms) -> None:
+    a.cell[2] = a.cell[0] + a.cell[1]  # linearly dependent: zero volume
+
+
+def _squashed(a: Atoms) -> None:
+    a.set_cell(np.diag([a.cell[0, 0], a.cell[1, 1], 0.05]), scale_atoms=False)  # 0.05 Å thick
+
+
+def _coincident(a: Atoms) -> None:
+    a.positions[5] = a.positions[4] + [0.03, 0.0, 0.0]
+
+
+def _through_the_boundary(a: Atoms) -> None:  # atom 0 and the image of atom 5 are 0.04 Å apart
+    a.positions[0] = [0.01, 1.0, 1.0]
+    a.positions[5] = [a.cell[0, 0] - 0.03, 1.0, 1.0]
+
+
+def _far_away(a: Atoms) -> None:
+    a.positions[3] = [1e12, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (_flat, "flat or zero-volume cell"),
+        (_squashed, "0.05 Å thick along a periodic direction"),
+        (_coincident, "atoms 4 (Cu) and 5 (Cu) are 0.03 Å apart"),
+        (_through_the_boundary, "atoms 0 (Cu) and 5 (Cu) are 0.04 Å apart (periodic images included)"),
+        (_far_away, "atom 3 is at [1000000000000.0, 0.0, 0.0] Å; expected |coordinates| <= 1e+06 Å"),
+    ],
+)
+def test_structures_training_cannot_use_are_rejected_at_the_door_naming_file_and_frame(tmp_path, spoil, expected):
+    frames = emt_frames(3)
+    spoil(frames[2])
+    src = tmp_path / "in.extxyz"
+    ase.io.write(src, frames, format="extxyz")
+    ds = Dataset(tmp_path / "ds")
+    with pytest.raises(DatasetError) as err:
+        ds.import_file(src)
+    assert f"{src}, frame 2: " in str(err.value) and expected in str(err.value)
+    assert len(Dataset(tmp_path / "ds")) == 0  # nothing written
+    with pytest.raises(DatasetError, match="frame 2 of the batch"):
+        ds.append(frames)
+
+
+def test_molecules_and_slabs_pass_the_structure_checks(tmp_path):
+    from ase.build import fcc111, molecule
+
+    water = molecule("H2O")  # no cell
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
+    slab.pbc = (True, True, False)
+    frames = []
+    for atoms in (water, slab):
+        atoms.calc = EMT() if atoms is slab else None
+        if atoms is water:
+            atoms.info[REF_ENERGY] = -14.0
+            atoms.arrays[REF_FORCES] = np.zeros((3, 3))
+        else:
+            atoms.info[REF_ENERGY] = atoms.get_potential_energy()
+            atoms.arrays[REF_FORCES] = atoms.get_forces()
+            atoms.calc = None
+        frames.append(atoms)
+    assert Dataset(tmp_path / "ds").append(frames) == 2
+
+
+def test_reimporting_structures_with_other_labels_reports_the_conflicts(tmp_path, capsys):
+    frames = emt_frames(4)
+    first = tmp_path / "first.extxyz"
+    ase.io.write(first, frames, format="extxyz")
+    for a in frames[1:3]:  # the same structures, relabelled (another functional, say)
+        a.info[REF_ENERGY] += 0.25
+    second = tmp_path / "second.extxyz"
+    ase.io.write(second, frames, format="extxyz")
+    ds = Dataset(tmp_path / "ds")
+    assert ds.import_file(first) == 4
+    report = ds.import_report(second)
+    assert (report.n_new, report.n_same, len(report.conflicts)) == (0, 2, 2)
+    assert [c.where for c in report.conflicts] == [f"{second}, frame 1", f"{second}, frame 2"]
+    assert [c.index for c in report.conflicts] == [1, 2] and all(c.d_energy == pytest.approx(0.25) for c in
+                                                                  report.conflicts)
+    stored = Dataset(tmp_path / "ds").frames()
+    assert stored[1].info[REF_ENERGY] == pytest.approx(frames[1].info[REF_ENERGY] - 0.25)  # first wins
+    assert main(["data", "import", str(tmp_path / "ds"), str(second)]) == 1
+    out, err = capsys.readouterr()
+    assert "0 new frame(s), 2 already stored with the same labels, 2 conflict(s)" in out
+    assert f"conflict: {second}, frame 1 (hash {frame_hash(frames[1])[:12]})" in out and "0.25 eV" in out
+    assert "2 frame(s) not imported" in err
+
+
+def test_remove_frames_by_index_hash_and_condition(tmp_path, capsys):
+    frames = emt_frames(6)
+    ds = Dataset(tmp_path / "ds")
+    for k in range(3):  # three shards
+        ds.append(frames[2 * k : 2 * k + 2], source=f"s{k}")
+    hashes = [a.info[FRAME_HASH] for a in ds.frames()]
+    removed = ds.remove(indices=[1], hashes=[hashes[4][:10]])
+    assert [a.info[FRAME_HASH] for a in removed] == [hashes[1], hashes[4]]
+    fresh = Dataset(tmp_path / "ds")
+    assert [a.info[FRAME_HASH] for a in fresh.frames()] == [hashes[i] for i in (0, 2, 3, 5)]  # order kept
+    assert not (tmp_path / "ds" / "removing.json").exists()
+    with pytest.raises(DatasetError, match="no frame 9"):
+        fresh.remove(indices=[9])
+    with pytest.raises(DatasetError, match="too short"):
+        fresh.remove(hashes=["ab"])
+    # the CLI: a dry run lists and removes nothing; --where selects; all must hold
+    d = str(tmp_path / "ds")
+    assert main(["data", "remove", d, "--where", "source=s1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 2 of 4" in out and hashes[2][:12] in out and len(Dataset(d)) == 4
+    assert main(["data", "remove", d, "--where", "source=s1", "--where", f"hash={hashes[3][:8]}"]) == 0
+    assert "removed 1 frame(s), 3 left" in capsys.readouterr().out
+    assert [a.info[FRAME_HASH] for a in Dataset(d).frames()] == [hashes[i] for i in (0, 2, 5)]
+    fmax = max(np.linalg.norm(Dataset(d).frames()[i].arrays[REF_FORCES], axis=1).max() for i in range(3))
+    assert main(["data", "remove", d, "--where", f"max_force>{fmax + 1}"]) == 0 and len(Dataset(d)) == 3
+    assert main(["data", "list", d, "--where", "nonsense>1"]) == 2
+    assert "no frame has 'nonsense'" in capsys.readouterr().err
+    assert main(["data", "remove", d]) == 2  # nothing named: refuses
+    assert main(["data", "remove", d, "--index", "0", "1", "2"]) == 0 and len(Dataset(d)) == 0
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL at one step of a removal (raised from a real step, after it happened)."""
+
+
+@pytest.mark.parametrize("step", ["journal", "merged", "deleted"])
+def test_an_interrupted_removal_is_all_or_nothing_and_finished_by_the_next_writer(tmp_path, monkeypatch, step):
+    import alflow.data as data_module
+
+    frames = emt_frames(5)
+    ds = Dataset(tmp_path / "ds")
+    ds.append(frames[:3])
+    ds.append(frames[3:])
+    hashes = [a.info[FRAME_HASH] for a in ds.frames()]
+    real_fsync, real_write = data_module.fsync_dir, data_module.write_extxyz_atomic
+    calls = {"fsync": 0}
+
+    def fsync_then_die(path):  # 1st call: the journal is durable; 2nd: the old shards are deleted
+        real_fsync(path)
+        calls["fsync"] += 1
+        if (step == "journal" and calls["fsync"] == 1) or (step == "deleted" and calls["fsync"] == 2):
+            raise _Killed
+
+    def write_then_die(frames_, path):  # the merged shard is written, the old ones are still there
+        n = real_write(frames_, path)
+        if step == "merged":
+            raise _Killed
+        return n
+
+    monkeypatch.setattr(data_module, "fsync_dir", fsync_then_die)
+    monkeypatch.setattr(data_module, "write_extxyz_atomic", write_then_die)
+    with pytest.raises(_Killed):
+        ds.remove(indices=[1, 3])
+    monkeypatch.undo()
+    assert (tmp_path / "ds" / "removing.json").exists()
+    reader = Dataset(tmp_path / "ds")  # a reader after the "kill" sees the removal done, in order
+    assert [a.info[FRAME_HASH] for a in reader.frames()] == [hashes[i] for i in (0, 2, 4)]
+    assert reader.compact() >= 0  # the next writer finishes the removal
+    assert not (tmp_path / "ds" / "removing.json").exists()
+    again = Dataset(tmp_path / "ds")
+    assert [a.info[FRAME_HASH] for a in again.frames()] == [hashes[i] for i in (0, 2, 4)]
+    assert again.append(frames[1]) == 1 and len(Dataset(tmp_path / "ds")) == 4  # a removed frame can come back
