@@ -263,14 +263,19 @@ class WalkerConfig(_Model):
 class ExplorationConfig(_Model):
     """Molecular dynamics with the committee to find uncertain structures."""
 
-    engine: Literal["ase", "ipi"] = Field("ase", description="MD engine: ASE integrators or i-PI over a socket.")
+    engine: Literal["batched", "ase", "ipi"] = Field(
+        "batched", description="MD engine: batched (every walker in one device batch; the default, and i-PI when a walker "
+        "needs pimd), ASE integrators (a thread per walker) or i-PI over a socket (docs/exploration.md).")
     walkers: list[WalkerConfig] = Field(default_factory=lambda: [WalkerConfig()], min_length=1, description="MD walkers run each iteration.")
     min_distance: float = Field(0.5, gt=0, description="Stop a walker when two atoms come closer than this (Å): it exploded.")
     uncertain_patience: int = Field(20, ge=1, description="Stop a walker after this many steps above selection.upper.")
 
     @model_validator(mode="after")
     def _engine_can(self) -> ExplorationConfig:
-        allowed = ASE_ENSEMBLES if self.engine == "ase" else IPI_ENSEMBLES
+        batched = ASE_ENSEMBLES  # the batched engine runs the ASE engine's ensembles (alflow.explore.batched)
+        if "engine" not in self.model_fields_set and any(w.ensemble not in batched for w in self.walkers):
+            object.__setattr__(self, "engine", "ipi")  # the default: batched, unless a walker needs i-PI (pimd)
+        allowed = {"batched": batched, "ase": ASE_ENSEMBLES}.get(self.engine, IPI_ENSEMBLES)
         for i, walker in enumerate(self.walkers):
             if walker.ensemble not in allowed:
                 raise _fail(f"engine {self.engine!r} cannot run this ensemble; it supports {', '.join(sorted(allowed))}",

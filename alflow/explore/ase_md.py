@@ -63,6 +63,7 @@ class WalkerSpec:
     friction: float = 0.01  # 1/fs (Langevin)
     seed: int = 0
     name: str = "walker"
+    thermalize: bool = True  # draw Maxwell-Boltzmann momenta at the first temperature; False keeps atoms' momenta
 
     def __post_init__(self) -> None:
         if self.ensemble not in ENSEMBLES:
@@ -190,8 +191,9 @@ def run_walker(
         bad = check_finite_settings(spec)
         if bad:
             raise ValueError(bad)
-        thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(spec.seed))
-        Stationary(atoms)
+        if spec.thermalize:
+            thermalize_momenta(atoms, temperature_K=temperature, rng=np.random.default_rng(spec.seed))
+            Stationary(atoms)
         dyn = make_dynamics(atoms, spec)
         for step in range(spec.steps + 1):
             if step > 0:

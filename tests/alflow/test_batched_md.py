@@ -283,3 +283,51 @@ def test_max_atoms_queues_walkers_and_gives_the_same_frames(tmp_path, committee)
         assert a.status == b.status == DONE
         for x, y in zip(read(a.trajectory, ":"), read(b.trajectory, ":")):
             np.testing.assert_allclose(x.positions, y.positions, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- the loop uses it
+
+
+def _config(exploration: dict):
+    from alflow.config import config_from_dict
+
+    return config_from_dict({"name": "t", "system": {"build": {"element": "Cu", "crystal": "fcc", "a": 3.61}},
+                             "exploration": exploration})
+
+
+def test_config_default_engine_is_batched_unless_a_walker_needs_ipi():
+    from alflow.config import ConfigError
+
+    assert _config({}).exploration.engine == "batched"
+    assert _config({"walkers": [{"ensemble": "npt-aniso", "pressure": [0.0, 1.0, 2.0]}]}).exploration.engine == "batched"
+    assert _config({"walkers": [{}, {"ensemble": "pimd"}]}).exploration.engine == "ipi"
+    with pytest.raises(ConfigError, match=r"exploration.walkers.1.ensemble: engine 'batched' cannot run"):
+        _config({"engine": "batched", "walkers": [{}, {"ensemble": "pimd"}]})
+
+
+def test_alflow_md_engine_batched(tmp_path, committee, monkeypatch):
+    """``alflow md --engine batched`` runs the configured walkers through the batched engine."""
+    import potentials
+    import yaml
+
+    from alflow.cli import main
+
+    potentials.save(committee, tmp_path / "committee.pt")
+    config = {"name": "t", "run_dir": str(tmp_path / "run"),
+              "system": {"build": {"element": "Cu", "crystal": "fcc", "a": 3.61, "cubic": True}},
+              "potential": {"architecture": "schnet", "cutoff": 4.0},
+              "exploration": {"engine": "ase", "walkers": [
+                  {"ensemble": "nvt-langevin", "temperature": [300, 500], "steps": 6, "stride": 3, "replicas": 2},
+                  {"ensemble": "npt-iso", "temperature": 300, "pressure": 0.0, "steps": 6, "stride": 3}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    from alflow.explore import batched
+
+    calls = []
+    monkeypatch.setattr(batched, "run_batched", lambda *a, **k: calls.append(k) or run_batched(*a, **k))
+    code = main(["md", str(tmp_path / "c.yaml"), "--model", str(tmp_path / "committee.pt"), "--engine", "batched",
+                 "--out", str(tmp_path / "md"), "--device", "cpu", "--no-progress"])
+    assert code == 0
+    frames = read(tmp_path / "md" / "w01r00-npt-iso.extxyz", ":")
+    assert [f.info[keys.STEP] for f in frames] == [0, 3, 6]
+    assert len(calls) == 1 and calls[0]["min_distance"] == 0.5  # the batched engine ran, with the config's rules
+    assert len(__import__("json").loads((tmp_path / "md" / "walkers.json").read_text())) == 3

@@ -57,7 +57,7 @@ def test_example_validates() -> None:
     assert cfg.system.supercell == (2, 2, 2)
     assert cfg.potential.architecture == "schnet" and cfg.potential.cutoff == 4.5
     assert cfg.committee.size == 4
-    assert cfg.exploration.engine == "ase"
+    assert cfg.exploration.engine == "batched"
     ensembles = [(w.ensemble, w.temperature, w.pressure) for w in cfg.exploration.walkers]
     assert ensembles == [("nvt-langevin", 300, None), ("nvt-langevin", 800, None),
                          ("nvt-langevin", 1000, None), ("npt-iso", 600, 0.0)]
@@ -82,7 +82,7 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     assert cfg.committee.size == 4 and cfg.committee.calibrate and not cfg.committee.bootstrap
     t = cfg.training
     assert (t.epochs, t.batch_size, t.lr, t.forces_weight, t.patience, t.ema_decay) == (200, 8, 1e-3, 10.0, 30, 0.99)
-    assert cfg.exploration.engine == "ase" and len(cfg.exploration.walkers) == 1
+    assert cfg.exploration.engine == "batched" and len(cfg.exploration.walkers) == 1
     assert cfg.exploration.walkers[0].timestep == 2.0 and cfg.exploration.walkers[0].stride == 10
     assert (cfg.selection.lower, cfg.selection.upper, cfg.selection.diversity) == (0.05, 0.5, "fps")
     assert cfg.labelling.oracle == "emt" and cfg.labelling.timeout_s == 3600
@@ -154,7 +154,8 @@ def test_ramps_and_ipi_pimd() -> None:
         ("exploration.walkers", [{"steps": 5, "stride": 10}], "exploration.walkers.0.stride", "10"),
         ("exploration.walkers", [{}, {"ensemble": "npt-iso", "temperature": 300}], "exploration.walkers.1.pressure", "None"),
         ("exploration.walkers", [{"ensemble": "nve", "pressure": 1.0}], "exploration.walkers.0.pressure", "1.0"),
-        ("exploration.walkers", [{"ensemble": "pimd"}], "exploration.walkers.0.ensemble", "'pimd'"),
+        ("exploration", {"engine": "batched", "walkers": [{"ensemble": "pimd"}]}, "exploration.walkers.0.ensemble", "'pimd'"),
+        ("exploration", {"engine": "ase", "walkers": [{"ensemble": "pimd"}]}, "exploration.walkers.0.ensemble", "'pimd'"),
     ],
 )
 def test_error_names_field_and_value(path: str, value: Any, field: str, shown: str | None) -> None:
