@@ -419,6 +419,19 @@ def _search_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: floa
     return torch.cat([i, j]), torch.cat([j, i]), torch.cat([S, -S])
 
 
+def _check_torch_pair_count(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: float, name: str) -> None:
+    """``_check_pair_count`` from the (B, 3, 3) cells and counts; positions come to the host only in the rare
+    case the estimate needs the atoms' extent (non-periodic directions and a huge estimate)."""
+    cells_np, pbc_np = cells.cpu().numpy(), pbc.cpu().numpy()
+    counts = torch.bincount(batch, minlength=cells.shape[0]).cpu().numpy()
+    try:
+        _check_pair_count(cutoff, cells_np, pbc_np, counts, None, name=name)
+    except NeighborListError:
+        if pbc_np.all():
+            raise
+        _check_pair_count(cutoff, cells_np, pbc_np, counts, positions.cpu().numpy(), name=name)
+
+
 def _torch_neighbors(
     positions: Any, cells: Any, pbc: Any, batch: Any | None, cutoff: float, name: str, numpy_out: bool
 ) -> Neighbors:
@@ -432,6 +445,7 @@ def _torch_neighbors(
     cells64 = cells_t.detach().to(torch.float64)
     if batch is None:
         batch = torch.zeros(pos.shape[0], dtype=torch.int64, device=device)
+    _check_torch_pair_count(pos64, cells64, pbc_t, batch, cutoff, name)
     i, j, S = _search_torch(pos64, cells64, pbc_t, batch, cutoff)
     dtype = pos.dtype if pos.dtype.is_floating_point else torch.float64
     one = cells_t.shape[0] == 1
