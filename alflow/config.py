@@ -24,7 +24,8 @@ from alflow.errors import InputError
 from alflow.ensembles import ENSEMBLES
 from alflow.ensembles import NAMES as ENSEMBLE_NAMES
 from alflow.ensembles import for_engine as ensembles_for
-from alflow.oracles import BUILTIN as BUILTIN_ORACLES  # the one oracle table (alflow.oracles.ORACLES)
+from alflow.oracles import BUILTIN as BUILTIN_ORACLES
+from alflow.results import STAGES  # the one oracle table (alflow.oracles.ORACLES)
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
 Ensemble = Literal[ENSEMBLE_NAMES]  # the one ensemble table: alflow.ensembles.ENSEMBLES
@@ -380,7 +381,7 @@ class ExecutionConfig(_Model):
             raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
         if self.dask_resources and self.task_runner != "dask":
             raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
-        stages = ("initial", "train", "explore", "select", "label")
+        stages = STAGES  # the stage table (alflow.results)
         for stage, needs in self.dask_resources.items():
             if stage not in stages:
                 raise _fail(f"expected a stage name ({', '.join(stages)})", "dask_resources", stage, got=stage)

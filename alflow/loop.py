@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from alflow.errors import InputError, RuntimeFailure
+from alflow.results import STAGES, Explored, Initial, Labelled, RunSummary, Selected, Trained
 from alflow.config import (
     ConfigError,
     LoopConfig,
@@ -57,7 +58,7 @@ from alflow.config import (
 )
 
 STATE, METRICS, CONFIG, LOCK = "state.json", "metrics.jsonl", "config.yaml", ".lock"
-STAGES = ("initial", "train", "explore", "select", "label")
+# STAGES (the stage table's order) comes from alflow.results
 STOP_REASONS = ("converged", "max_iterations", "max_labels")
 RESUMABLE_CHANGES = ("loop", "execution", "run_dir", "name")  # top-level keys that may change between sessions
 DONE_STATUS = "DONE"  # walker status of a walker that ran all its steps
@@ -94,24 +95,11 @@ def stage_key(stage: str, iteration: int | None) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk: name the file (the write itself does not)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part (``alflow.fileio``;
+    an OSError, e.g. a full disk, names ``path``)."""
+    from alflow.fileio import atomic_write_text as write
+
+    write(path, text)
 
 
 def json_text(data: Any) -> str:
@@ -179,37 +167,36 @@ def stop_reason(history: list[dict[str, Any]], loop: LoopConfig, labels_total: i
     return None
 
 
-def iteration_row(iteration: int, train: dict, explore: dict, select: dict, label: dict | None,
-                  labels_before: int, loop: LoopConfig) -> dict[str, Any]:
-    """The metrics.jsonl row of one iteration from its stage results (units: eV, eV/Å, s)."""
-    n = select["n_frames"]
-    valid = train.get("valid") or {}
+def iteration_row(iteration: int, train: Trained | dict, explore: Explored | dict, select: Selected | dict,
+                  label: Labelled | dict | None, labels_before: int, loop: LoopConfig) -> dict[str, Any]:
+    """The metrics.jsonl row of one iteration from its stage results (typed, or their stored dicts; eV, eV/Å, s)."""
+    train, explore, select = Trained.from_dict(train), Explored.from_dict(explore), Selected.from_dict(select)
+    label = Labelled.from_dict(label) if label is not None else None
+    n = select.n_frames
     row = {
         "iteration": iteration,
-        "dataset_size": train["n_frames"],
-        "train_seconds": train["seconds"],
-        "train_epochs": train.get("train_epochs"),  # epochs summed over the members (alflow.train)
-        "train_fit_seconds": train.get("train_seconds"),  # of train_seconds, the training itself
-        "train_epochs": train.get("train_epochs"),  # epochs summed over the members (alflow.train)
-        "train_fit_seconds": train.get("train_seconds"),  # of train_seconds, the training itself
-        "alpha": train["alpha"],
-        "valid_energy_mae": valid.get("energy_mae"),
-        "valid_forces_rmse": valid.get("forces_rmse"),
-        "n_walkers": len(explore["walkers"]),
-        "walker_status": explore["statuses"],
+        "dataset_size": train.n_frames,
+        "train_seconds": train.seconds,
+        "train_epochs": train.train_epochs,  # epochs summed over the members (alflow.train)
+        "train_fit_seconds": train.train_seconds,  # of train_seconds, the training itself
+        "alpha": train.alpha,
+        "valid_energy_mae": train.valid.get("energy_mae"),
+        "valid_forces_rmse": train.valid.get("forces_rmse"),
+        "n_walkers": len(explore.walkers),
+        "walker_status": dict(explore.statuses),
         "n_explored": n,
-        "accurate_fraction": select["n_accurate"] / n if n else 0.0,
-        "candidate_fraction": select["n_candidate"] / n if n else 0.0,
-        "failed_fraction": select["n_failed"] / n if n else 0.0,
-        "n_selected": select["n_selected"],
+        "accurate_fraction": select.n_accurate / n if n else 0.0,
+        "candidate_fraction": select.n_candidate / n if n else 0.0,
+        "failed_fraction": select.n_failed / n if n else 0.0,
+        "n_selected": select.n_selected,
         "labelled": label is not None,
-        "labels_added": label["n_labelled"] if label else 0,
-        "label_failures": label["n_failed"] if label else 0,
-        "labels_total": labels_before + (label["n_labelled"] if label else 0),
-        "new_forces_rmse": label.get("forces_rmse") if label else None,
-        "new_max_force_error": label.get("max_force_error") if label else None,
-        "seconds": {"train": train["seconds"], "explore": explore["seconds"], "select": select["seconds"],
-                    "label": label["seconds"] if label else 0.0},
+        "labels_added": label.n_labelled if label else 0,
+        "label_failures": label.n_failed if label else 0,
+        "labels_total": labels_before + (label.n_labelled if label else 0),
+        "new_forces_rmse": label.forces_rmse if label else None,
+        "new_max_force_error": label.max_force_error if label else None,
+        "seconds": {"train": train.seconds, "explore": explore.seconds, "select": select.seconds,
+                    "label": label.seconds if label else 0.0},
     }
     row["converged"] = is_converged(row, loop)
     row["stop"] = None
@@ -353,71 +340,79 @@ class LoopRun:
             self.state["finished"] = now()
         self._write()
 
-    def summary(self) -> dict[str, Any]:
-        """A small dict: status, iterations, labels, dataset size, final model (absolute), run dir."""
+    def summary(self) -> RunSummary:
+        """Status, iterations, labels, dataset size, final model (absolute), run dir (``alflow.results.RunSummary``)."""
         rows = self.state["iterations"]
-        initial = self.result("initial", None) or {}
-        return {
-            "name": self.config.name,
-            "status": self.state["status"],
-            "iterations": len(rows),
-            "labels": rows[-1]["labels_total"] if rows else initial.get("n_labelled", 0),
-            "dataset_size": rows[-1]["dataset_size"] if rows else initial.get("dataset_size", 0),
-            "final_model": self.path(self.state.get("final_model")),
-            "run_dir": str(self.run_dir),
-            "sessions": len(self.state["sessions"]),
-        }
+        initial = Initial.from_dict(self.result("initial", None) or {})
+        return RunSummary(
+            name=self.config.name,
+            status=self.state["status"],
+            iterations=len(rows),
+            labels=rows[-1]["labels_total"] if rows else initial.n_labelled,
+            dataset_size=rows[-1]["dataset_size"] if rows else initial.dataset_size,
+            final_model=self.path(self.state.get("final_model")),
+            run_dir=str(self.run_dir),
+            sessions=len(self.state["sessions"]),
+        )
 
 
 # ----------------------------------------------------------------------------- the driver
 
 
-def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or replay) the loop to its stop; finished stages come from state.json. Returns ``run.summary()``."""
+def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], None] | None = None) -> RunSummary:
+    """Run (or replay) the loop to its stop; finished stages come from state.json. Returns ``run.summary()``.
+
+    Stage results are read typed (``alflow.results``): the stored dicts become ``Initial``,
+    ``Trained``, ``Explored``, ``Selected``, ``Labelled``.
+    """
     say = say or log.info
     cfg = run.config
-    initial = run.run_stage("initial", None, {"retry_failed": run.failed_before("initial", None)}, executor)
-    say(f"initial dataset: {initial['dataset_size']} frames ({initial['n_imported']} imported, "
-        f"{initial['n_labelled']} labelled by {cfg.labelling.oracle}, {initial['n_failed']} failed)")
-    labels_total = initial["n_labelled"]
+    initial = Initial.from_dict(
+        run.run_stage("initial", None, {"retry_failed": run.failed_before("initial", None)}, executor))
+    say(f"initial dataset: {initial.dataset_size} frames ({initial.n_imported} imported, "
+        f"{initial.n_labelled} labelled by {cfg.labelling.oracle}, {initial.n_failed} failed)")
+    labels_total = initial.n_labelled
     history: list[dict[str, Any]] = []
     i = 0
     while True:
         previous = run.result("train", i - 1) if i > 0 else None
         warm = previous is not None and cfg.training.warm_start
-        init_from = run.path(previous["committee"]) if warm else cfg.potential.checkpoint
-        train = run.run_stage("train", i, {"species": initial["species"], "init_from": init_from}, executor)
-        say(f"iteration {i}: trained on {train['n_frames']} frames in {train['seconds']:.1f} s, "
-            f"valid force RMSE {train['valid'].get('forces_rmse', float('nan')):.4f} eV/Å, alpha {train['alpha']:.3g}")
-        explore = run.run_stage("explore", i, {"model": run.path(train["committee"])}, executor)
+        init_from = run.path(Trained.from_dict(previous).committee) if warm else cfg.potential.checkpoint
+        train = Trained.from_dict(
+            run.run_stage("train", i, {"species": list(initial.species), "init_from": init_from}, executor))
+        say(f"iteration {i}: trained on {train.n_frames} frames in {train.seconds:.1f} s, "
+            f"valid force RMSE {train.valid.get('forces_rmse', float('nan')):.4f} eV/Å, alpha {train.alpha:.3g}")
+        explore = Explored.from_dict(run.run_stage("explore", i, {"model": run.path(train.committee)}, executor))
         budget = cfg.selection.max_per_iteration
         if cfg.loop.max_labels is not None:
             budget = max(0, min(budget, cfg.loop.max_labels - labels_total))
-        trajectories = [run.path(w["trajectory"]) for w in explore["walkers"] if w["frames"] > 0]
-        select = run.run_stage("select", i, {"trajectories": trajectories, "budget": budget}, executor)
+        trajectories = [run.path(w.trajectory) for w in explore.walkers if w.frames > 0]
+        select = Selected.from_dict(
+            run.run_stage("select", i, {"trajectories": trajectories, "budget": budget}, executor))
         row = iteration_row(i, train, explore, select, None, labels_total, cfg.loop)
-        say(f"iteration {i}: {select['n_frames']} frames explored ({dict(explore['statuses'])}), accurate "
+        say(f"iteration {i}: {select.n_frames} frames explored ({dict(explore.statuses)}), accurate "
             f"{row['accurate_fraction']:.1%}, candidates {row['candidate_fraction']:.1%}, "
-            f"failed {row['failed_fraction']:.1%}; {select['n_selected']} selected")
+            f"failed {row['failed_fraction']:.1%}; {select.n_selected} selected")
         reason = stop_reason(history + [row], cfg.loop, labels_total)
         if reason is not None and run.record("label", i) is None:
-            run.finish_iteration(row, stop=reason, final_model=train["committee"])
-            say(f"stopped after iteration {i}: {reason}; final model {run.path(train['committee'])}")
+            run.finish_iteration(row, stop=reason, final_model=train.committee)
+            say(f"stopped after iteration {i}: {reason}; final model {run.path(train.committee)}")
             return run.summary()
-        label = run.run_stage("label", i, {"selected": run.path(select["selected"]),
-                                           "predictions": run.path(select.get("predictions")),
-                                           "retry_failed": run.failed_before("label", i)}, executor)
-        labels_total += label["n_labelled"]
-        row = iteration_row(i, train, explore, select, label, labels_total - label["n_labelled"], cfg.loop)
-        say(f"iteration {i}: {label['n_labelled']} labels added, {label['n_failed']} failed; dataset "
-            f"{label['dataset_size']} frames")
+        label = Labelled.from_dict(run.run_stage("label", i, {"selected": run.path(select.selected),
+                                                              "predictions": run.path(select.predictions),
+                                                              "retry_failed": run.failed_before("label", i)},
+                                                 executor))
+        labels_total += label.n_labelled
+        row = iteration_row(i, train, explore, select, label, labels_total - label.n_labelled, cfg.loop)
+        say(f"iteration {i}: {label.n_labelled} labels added, {label.n_failed} failed; dataset "
+            f"{label.dataset_size} frames")
         history.append(row)
         run.finish_iteration(row)
         i += 1
 
 
 def run_loop(config: RunConfig, *, force: bool = False, progress: bool = False, executor: Executor | None = None,
-             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None) -> RunSummary:
     """Run or resume the whole loop in this process (no Prefect); returns the final summary."""
     with LoopRun.open(config, force=force, engine="plain") as run:
         if executor is None:

@@ -30,6 +30,7 @@ import yaml
 
 from alflow.keys import MAX_FORCE_DEVIATION
 from alflow.loop import atomic_write_text, read_state
+from alflow.results import Explored, Initial
 
 FIGURES = {
     "learning_curve": "Learning curve",
@@ -234,8 +235,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     for i, _res in _iterations(state, "select"):
         scores[i] = _read_json(run_dir / f"iter_{i:03d}" / "select" / "scores.json", {}).get(MAX_FORCE_DEVIATION, [])
     for i, res in _iterations(state, "explore"):
-        statuses[i] = res.get("statuses", {})
-    initial = (state.get("stages", {}).get("initial") or {}).get("result")
+        statuses[i] = dict(Explored.from_dict(res).statuses)
+    stored = (state.get("stages", {}).get("initial") or {}).get("result")
+    initial = Initial.from_dict(stored) if stored is not None else None
     return {"run_dir": run_dir, "state": state, "config": config, "lower": lower, "upper": upper, "errors": errors,
             "scores": scores, "statuses": statuses, "initial": initial, "rows": state.get("iterations", [])}
 
@@ -248,16 +250,16 @@ def _read_json_yaml(path: Path) -> dict[str, Any]:
 
 
 def _summary_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
-    state, rows, initial = data["state"], data["rows"], data["initial"] or {}
+    state, rows, initial = data["state"], data["rows"], data["initial"]
     stage_seconds = sum(rec.get("seconds", 0.0) for rec in state.get("stages", {}).values())
     final = state.get("final_model")
     return [
         ("run", f"{state.get('name', data['config'].get('name', '?'))} in {data['run_dir']}"),
         ("status", str(state.get("status", "new"))),
         ("iterations", str(len(rows))),
-        ("initial dataset", f"{initial.get('dataset_size', '-')} frames ({initial.get('n_imported', 0)} imported, "
-                            f"{initial.get('n_labelled', 0)} labelled)" if initial else "-"),
-        ("oracle labels", str(rows[-1]["labels_total"] if rows else initial.get("n_labelled", 0))),
+        ("initial dataset", f"{initial.dataset_size} frames ({initial.n_imported} imported, "
+                            f"{initial.n_labelled} labelled)" if initial else "-"),
+        ("oracle labels", str(rows[-1]["labels_total"] if rows else initial.n_labelled if initial else 0)),
         ("final model", str(data["run_dir"] / final) if final else "-"),
         ("trust window", f"[{data['lower']:g}, {data['upper']:g}) eV/Å"),
         ("sessions", str(len(state.get("sessions", [])))),

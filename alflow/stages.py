@@ -3,18 +3,21 @@
 ``compute_stage(run_dir, stage, iteration, inputs)`` reads ``run_dir/config.yaml``,
 empties the stage's directory (train, explore, select: redone from scratch; initial and
 label resume their labels, see ``alflow.label``) and returns a small JSON-serialisable
-dict of paths and numbers, which ``alflow.loop.LoopRun.run_stage`` records in
-``state.json``. Prefect tasks (``flows.tasks``) and the plain loop call it alike.
+dict of paths and numbers (``to_dict()`` of the stage's typed result, ``alflow.results``),
+which ``alflow.loop.LoopRun.run_stage`` records in ``state.json``. Prefect tasks
+(``flows.tasks``) and the plain loop call it alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 from alflow.config import RunConfig, load_config
 from alflow.loop import CONFIG, StageError, atomic_write_text, stage_key
 from alflow.loop import json_text
+from alflow.results import Explored, Initial, Labelled, Selected, StageResult, Trained, WalkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,13 @@ def compute_stage(run_dir: str | os.PathLike, stage: str, iteration: int | None,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fn = {"initial": _initial, "train": _train, "explore": _explore, "select": _select, "label": _label}[stage]
-    result = fn(config, run_dir, out, iteration, inputs, progress)
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    result: StageResult = fn(config, run_dir, out, iteration, inputs, progress)
+    return dataclasses.replace(result, seconds=time.perf_counter() - t0).to_dict()
 
 
-def status_counts(walkers: list[dict[str, Any]]) -> dict[str, int]:
-    return dict(Counter(w["status"] for w in walkers))
+def status_counts(walkers: Sequence[WalkerRecord]) -> dict[str, int]:
+    """How many walkers ended with each status."""
+    return dict(Counter(w.status for w in walkers))
 
 
 def finite(x: Any) -> float | None:
@@ -77,7 +81,7 @@ def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: 
             "n_attempts": res.n_attempts}
 
 
-def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, inputs: dict, progress: bool) -> dict:
+def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, inputs: dict, progress: bool) -> Initial:
     """Import ``system.initial_dataset`` and/or label ``system.initial_rattle`` copies of the structures."""
     from ase.data import chemical_symbols
 
@@ -111,15 +115,15 @@ def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, in
                          f"{out / 'failures.jsonl'}); "
                          "training needs at least 2: set system.initial_dataset or system.initial_rattle.n_frames")
     species = sorted({int(z) for s in structures for z in s.numbers} | {int(z) for a in ds.frames() for z in a.numbers})
-    return {"n_imported": n_imported, "n_rattled": counts["n_frames"], "n_labelled": counts["n_labelled"],
-            "n_failed": counts["n_failed"], "dataset_size": n, "species": species,
-            "elements": [chemical_symbols[z] for z in species]}
+    return Initial(n_imported=n_imported, n_rattled=counts["n_frames"], n_labelled=counts["n_labelled"],
+                   n_failed=counts["n_failed"], dataset_size=n, species=tuple(species),
+                   elements=tuple(chemical_symbols[z] for z in species))
 
 
 _METRIC_KEYS = ("n_frames", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "stress_rmse")
 
 
-def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Trained:
     """Train the committee on the whole dataset (warm start from ``inputs['init_from']``), calibrate, save."""
     import torch
 
@@ -150,29 +154,31 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
             log.warning("iteration %s: %s", iteration, note)
     potentials.save(committee, out / "committee.pt")
     metrics = {split: {k: m[k] for k in _METRIC_KEYS if m.get(k) is not None} for split, m in result.metrics.items()}
-    return {"committee": _rel(out / "committee.pt", run_dir), "n_frames": len(frames), "n_train": len(result.train_idx),
-            "n_valid": len(result.valid_idx), "n_test": len(result.test_idx), "alpha": float(alpha),
-            "calibration_note": note, "warm_start": init_from is not None, "train_seconds": result.seconds,
-            "train_epochs": sum(m.epochs for m in result.members), "members_mode": result.extra.get("members_mode"),
-            "valid": metrics.get("valid", {}), "train": metrics.get("train", {}), "test": metrics.get("test", {}),
-            "members": [{"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
-                         "seconds": m.seconds} for m in result.members]}
+    return Trained(committee=_rel(out / "committee.pt", run_dir), n_frames=len(frames), n_train=len(result.train_idx),
+                   n_valid=len(result.valid_idx), n_test=len(result.test_idx), alpha=float(alpha),
+                   calibration_note=note, warm_start=init_from is not None, train_seconds=result.seconds,
+                   train_epochs=sum(m.epochs for m in result.members), members_mode=result.extra.get("members_mode"),
+                   valid=metrics.get("valid", {}), train=metrics.get("train", {}), test=metrics.get("test", {}),
+                   members=tuple({"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
+                                  "seconds": m.seconds} for m in result.members))
 
 
-def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Explored:
     """Run every walker with the committee; one scored trajectory per walker."""
     from alflow.explore.runner import explore
 
     results = explore(cfg, inputs["model"], out, iteration=iteration, device=cfg.execution.device, progress=progress)
-    walkers = [{"name": w["name"], "status": w["status"], "steps": int(w["steps"]), "frames": int(w["frames"]),
-                "trajectory": _rel(w["trajectory"], run_dir), "max_force_deviation": w.get("max_force_deviation"),
-                "message": str(w.get("message", ""))[:500], "seconds": float(w.get("seconds", 0.0))} for w in results]
-    if walkers and all(w["status"] == "ERROR" for w in walkers):
-        raise StageError(f"iteration {iteration}: every walker failed; first error: {walkers[0]['message']}")
-    return {"walkers": walkers, "statuses": status_counts(walkers), "n_frames": sum(w["frames"] for w in walkers)}
+    walkers = tuple(WalkerRecord(name=w["name"], status=w["status"], steps=int(w["steps"]), frames=int(w["frames"]),
+                                 trajectory=_rel(w["trajectory"], run_dir),
+                                 max_force_deviation=w.get("max_force_deviation"),
+                                 message=str(w.get("message", ""))[:500], seconds=float(w.get("seconds", 0.0)))
+                    for w in results)
+    if walkers and all(w.status == "ERROR" for w in walkers):
+        raise StageError(f"iteration {iteration}: every walker failed; first error: {walkers[0].message}")
+    return Explored(walkers=walkers, statuses=status_counts(walkers), n_frames=sum(w.frames for w in walkers))
 
 
-def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Selected:
     """Classify the explored frames and choose the ones to label (``alflow.select``)."""
     from alflow.data import Dataset
     from alflow.io import frame_hash, write_extxyz_atomic
@@ -210,9 +216,9 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
     atomic_write_text(out / "scores.json", json.dumps(scores).replace("NaN", "null"))
     atomic_write_text(out / "summary.json", json_text(selection.summary))
     s = selection.summary
-    return {"n_frames": s["n_frames"], "n_accurate": s["n_accurate"], "n_candidate": s["n_candidate"],
-            "n_failed": s["n_failed"], "n_selected": s["n_selected"], "adaptive": s["adaptive"],
-            "budget": s["budget"], "rejections": s["rejections"], "selected": selected, "predictions": predictions}
+    return Selected(n_frames=s["n_frames"], n_accurate=s["n_accurate"], n_candidate=s["n_candidate"],
+                    n_failed=s["n_failed"], n_selected=s["n_selected"], adaptive=s["adaptive"], budget=s["budget"],
+                    rejections=dict(s["rejections"]), selected=selected, predictions=predictions)
 
 
 def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, Any]]:
@@ -253,7 +259,7 @@ def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, A
     return rows
 
 
-def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> dict:
+def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Labelled:
     """Label the selected frames into the dataset (resumable) and measure the committee's true errors on them."""
     import ase.io
 
@@ -273,6 +279,6 @@ def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     errors = prediction_errors(predicted, ds.frames()) if predicted else []
     atomic_write_text(out / "errors.json", json_text(errors))
     n_comp = sum(e["n_components"] for e in errors)
-    return {**counts, "dataset_size": len(ds),
-            "forces_rmse": float(np.sqrt(sum(e["sq_sum"] for e in errors) / n_comp)) if n_comp else None,
-            "max_force_error": max((e["max_force_error"] for e in errors), default=None)}
+    return Labelled(**counts, dataset_size=len(ds),
+                    forces_rmse=float(np.sqrt(sum(e["sq_sum"] for e in errors) / n_comp)) if n_comp else None,
+                    max_force_error=max((e["max_force_error"] for e in errors), default=None))

@@ -118,3 +118,42 @@ def test_the_one_voigt_conversion_is_ases_and_every_user_calls_it() -> None:
     for module in (calculator, graph, io):  # no private copy of the conversion left
         source = inspect.getsource(module)
         assert "full_3x3_to_voigt_6_stress" not in source and "[[xx, xy, xz]" not in source
+
+
+def test_stage_results_are_one_typed_table() -> None:
+    """One stage table (alflow.results.RESULTS): the loop's stage names, the config's Dask stage names and the
+    typed results that state.json stores as dicts and loop/report read back."""
+    import dataclasses
+    import json
+
+    from alflow import loop, results
+    from alflow.config import ExecutionConfig
+
+    assert loop.STAGES == results.STAGES == ("initial", "train", "explore", "select", "label")
+    ExecutionConfig(task_runner="dask", dask_resources={s: {"GPU": 1} for s in results.STAGES})
+    with pytest.raises(ValueError, match="stage name"):
+        ExecutionConfig(task_runner="dask", dask_resources={"training": {"GPU": 1}})
+    examples = {
+        "initial": results.Initial(n_labelled=3, dataset_size=5, species=(29,), elements=("Cu",)),
+        "train": results.Trained(committee="iter_000/train/committee.pt", alpha=1.5, valid={"forces_rmse": 0.1},
+                                 members=({"epochs": 2},)),
+        "explore": results.Explored(walkers=(results.WalkerRecord("w0", "DONE", steps=10, frames=2),),
+                                    statuses={"DONE": 1}, n_frames=2),
+        "select": results.Selected(n_frames=2, n_selected=1, selected="iter_000/select/selected.extxyz"),
+        "label": results.Labelled(n_frames=1, n_labelled=1, forces_rmse=0.2),
+    }
+    assert set(examples) == set(results.RESULTS)
+    for stage, obj in examples.items():
+        stored = json.loads(json.dumps(obj.to_dict()))  # what state.json holds
+        assert results.result_of(stage, stored) == obj
+        back = results.RESULTS[stage].from_dict({**stored, "worker": "node:12", "from_a_newer_version": 1})
+        assert back.worker == "node:12" and dataclasses.replace(back, worker=None) == obj
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            obj.seconds = 1.0  # type: ignore[misc]
+    old = {"n_frames": 1, "n_labelled": 1, "n_failed": 0, "dataset_size": 4, "seconds": 2.0}  # no n_attempts yet
+    assert results.Labelled.from_dict(old).n_attempts == 0
+    row = loop.iteration_row(0, examples["train"], examples["explore"], examples["select"], examples["label"], 3,
+                             loop.LoopConfig())
+    assert row["labels_total"] == 4 and row["walker_status"] == {"DONE": 1} and row["alpha"] == 1.5
+    assert row == loop.iteration_row(0, *(json.loads(json.dumps(examples[s].to_dict()))
+                                          for s in ("train", "explore", "select", "label")), 3, loop.LoopConfig())
