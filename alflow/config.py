@@ -24,8 +24,7 @@ from alflow.errors import InputError
 from alflow.ensembles import ENSEMBLES
 from alflow.ensembles import NAMES as ENSEMBLE_NAMES
 from alflow.ensembles import for_engine as ensembles_for
-from alflow.oracles import BUILTIN as BUILTIN_ORACLES
-from alflow.results import STAGES  # the one oracle table (alflow.oracles.ORACLES)
+from alflow.oracles import BUILTIN as BUILTIN_ORACLES  # the one oracle table (alflow.oracles.ORACLES)
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
 Ensemble = Literal[ENSEMBLE_NAMES]  # the one ensemble table: alflow.ensembles.ENSEMBLES
@@ -187,7 +186,7 @@ class TrainingConfig(_Model):
 
     # the trainer of round two (alflow/train.py, docs/training.md)
     members: Literal["auto", "grouped", "sequential"] = Field(
-        "auto", description="Train the K members together (grouped: stacked parameters, torch.vmap) or one after another; auto: grouped on an accelerator, sequential on the CPU (measured faster there).")
+        "auto", description="Train the K members together (grouped: stacked parameters, torch.vmap) or one after another; auto: grouped on an accelerator, sequential on the CPU (grouped measured no faster there, docs/benchmarks.md).")
     batch_atoms: int | None = Field(None, ge=1, description="Fill training batches to this many atoms (at least one frame each) instead of batch_size frames; null: batch_size frames.")
     schedule: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule: halve on a validation plateau, or cosine decay to lr/100 over the epochs.")
     warmup_epochs: float = Field(0.0, ge=0, description="Linear LR warm-up from lr/100 over this many epochs (fractions allowed).")
@@ -381,7 +380,7 @@ class ExecutionConfig(_Model):
             raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
         if self.dask_resources and self.task_runner != "dask":
             raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
-        stages = STAGES  # the stage table (alflow.results)
+        stages = ("initial", "train", "explore", "select", "label")
         for stage, needs in self.dask_resources.items():
             if stage not in stages:
                 raise _fail(f"expected a stage name ({', '.join(stages)})", "dask_resources", stage, got=stage)

@@ -38,8 +38,8 @@ Recipe (``_fit``, ``_fit_grouped``; every knob is a ``training`` field):
   early stopping: member batches are padded to one atom/edge/structure count with a dummy
   two-atom structure (masked out of the loss), one AdamW runs over the stacked tensors
   (elementwise, so it equals K AdamWs) with a per-member LR and update mask that freezes
-  stopped members. ``auto``: grouped on an accelerator, sequential on the CPU (measured
-  faster there, docs/benchmarks.md) and for MACE. Both paths give the same losses to float
+  stopped members. ``auto``: grouped on an accelerator, sequential on the CPU (grouped
+  measured no faster there, docs/benchmarks.md) and for MACE. Both paths give the same losses to float
   rounding (tests/alflow/test_train_grouped.py).
 * ``max_time_s`` is checked after every batch (per member; K × it for members trained
   together); the validation of the last (partial) epoch and the final metrics run past it.
@@ -307,7 +307,12 @@ class PackedGraphs:
         return len(self.n_atoms)
 
     def _send(self, host: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(host).to(self.device, non_blocking=True)
+        """Host array → device tensor without waiting for the device (pinned memory: a pageable
+        source would make CUDA synchronise the stream before the copy)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(host))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def gather(self, frames: Sequence[int]) -> dict[str, torch.Tensor]:
         """One batch of ``frames`` (in that order), as ``alflow.graph`` builds it, plus ``species``."""
@@ -559,10 +564,10 @@ def metric_loss(metrics: dict[str, Any], config: TrainingConfig) -> float:
 
 
 def _write_json(data: dict[str, Any], path: Path) -> str:
+    from alflow.fileio import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
     return str(path)
 
 
@@ -942,7 +947,7 @@ def _fit_grouped(
                 lrs = np.array([states[k].lr(epoch - 1 + step / len(plans[k])) if on[k] else lrs[k]
                                 for k in range(k_members)])
                 host = np.stack([lrs, [s.energy_weight for s in states], on, [len(p) for p in parts]])
-                lr_t, ew_t, on_t, n_t = torch.from_numpy(host).to(dev, non_blocking=True)
+                lr_t, ew_t, on_t, n_t = packed._send(host)
                 on_t = on_t.bool()
                 batch = packed.gather_padded(parts)
                 stress = use_stress and any(bool(packed.has_stress[p].any()) for p in parts)
