@@ -187,7 +187,7 @@ class TrainingConfig(_Model):
     # the trainer of round two (alflow/train.py, docs/training.md)
     members: Literal["auto", "grouped", "sequential"] = Field(
         "auto", description="Train the K members together (grouped: stacked parameters, torch.vmap) or one after another; auto: grouped on an accelerator, sequential on the CPU (grouped measured no faster there, docs/benchmarks.md).")
-    batch_atoms: int | None = Field(None, ge=1, description="Fill training batches to this many atoms (at least one frame each) instead of batch_size frames; null: batch_size frames.")
+    batch_atoms: int | None = Field(None, ge=1, description="Fill training and validation batches to this many atoms (at least one frame each) instead of batch_size frames; null: batch_size frames.")
     schedule: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule: halve on a validation plateau, or cosine decay to lr/100 over the epochs.")
     warmup_epochs: float = Field(0.0, ge=0, description="Linear LR warm-up from lr/100 over this many epochs (fractions allowed).")
     loss: Literal["mse", "huber"] = Field("mse", description="Per-component loss: squared error, or Huber with huber_delta (eV/atom, eV/Å, eV/Å³).")
