@@ -250,13 +250,13 @@ def _search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: fl
 # periodic images then come from bins visited through several cell shifts. Distances are
 # compared in float64 so the pair set is the float64 one (ASE's) whatever the input dtype.
 
-_BACKENDS = ("auto", "vesin", "torch")
+_BACKENDS = ("auto", "vesin", "torch", "vesin-torch")
 _CHUNK = 1 << 21  # candidate pairs per chunk: bounds the working memory to ~100-200 MB
 _MARGIN = 1.0 + 1e-6  # bins a hair larger than the cutoff: rounding in the binning can never lose a pair
 
 
 def _backend(positions: Any, backend: str | None) -> str:
-    """'vesin' or 'torch': the explicit choice, or auto (torch for tensors off the CPU)."""
+    """'vesin', 'torch' or 'vesin-torch': the explicit choice, or auto (torch for tensors off the CPU)."""
     name = "auto" if backend is None else backend
     if name not in _BACKENDS:
         raise NeighborListError(f"backend: expected one of {list(_BACKENDS)}, got {backend!r}")
@@ -264,6 +264,13 @@ def _backend(positions: Any, backend: str | None) -> str:
         return "torch" if _is_torch(positions) and positions.device.type != "cpu" else "vesin"
     if name == "torch" and torch is None:  # pragma: no cover
         raise NeighborListError("backend: 'torch' needs torch installed")
+    if name == "vesin-torch":
+        try:
+            import vesin_torch  # noqa: F401
+        except ImportError:
+            raise NeighborListError(
+                "backend: 'vesin-torch' needs the vesin-torch package (pip install 'alflow[gpu]' or vesin-torch)"
+            ) from None
     return name
 
 
@@ -432,8 +439,37 @@ def _check_torch_pair_count(positions: Any, cells: Any, pbc: Any, batch: Any, cu
         _check_pair_count(cutoff, cells_np, pbc_np, counts, positions.cpu().numpy(), name=name)
 
 
+_VESIN_TORCH: dict[float, Any] = {}
+
+
+def _search_vesin_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: float) -> tuple[Any, Any, Any]:
+    """(i, j, S) like ``_search_torch`` from vesin-torch (C++/CUDA, on the tensors' device), one call per
+    structure; ``batch`` sorted. The structure sizes come to the host (B integers)."""
+    from vesin_torch import NeighborList
+
+    calc = _VESIN_TORCH.get(cutoff)
+    if calc is None:
+        if len(_VESIN_TORCH) > 16:
+            _VESIN_TORCH.clear()
+        calc = _VESIN_TORCH[cutoff] = NeighborList(cutoff=cutoff, full_list=True)
+    counts = torch.bincount(batch, minlength=cells.shape[0]).tolist()
+    parts_i, parts_j, parts_S, start = [], [], [], 0
+    for b, n in enumerate(counts):
+        if n:
+            i, j, S = calc.compute(positions[start : start + n], cells[b], pbc[b], quantities="ijS", copy=True)
+            parts_i.append(i.to(torch.int64) + start)
+            parts_j.append(j.to(torch.int64) + start)
+            parts_S.append(S.to(torch.int64))
+        start += n
+    if not parts_i:
+        empty = torch.zeros(0, dtype=torch.int64, device=positions.device)
+        return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=positions.device)
+    return torch.cat(parts_i), torch.cat(parts_j), torch.cat(parts_S)
+
+
 def _torch_neighbors(
-    positions: Any, cells: Any, pbc: Any, batch: Any | None, cutoff: float, name: str, numpy_out: bool
+    positions: Any, cells: Any, pbc: Any, batch: Any | None, cutoff: float, name: str, numpy_out: bool,
+    backend: str = "torch",
 ) -> Neighbors:
     """The torch-backend result for validated shapes: search in float64 on the device, then D and d in the input dtype."""
     pos = positions if _is_torch(positions) else torch.as_tensor(np.asarray(positions))
@@ -446,7 +482,8 @@ def _torch_neighbors(
     if batch is None:
         batch = torch.zeros(pos.shape[0], dtype=torch.int64, device=device)
     _check_torch_pair_count(pos64, cells64, pbc_t, batch, cutoff, name)
-    i, j, S = _search_torch(pos64, cells64, pbc_t, batch, cutoff)
+    search = _search_vesin_torch if backend == "vesin-torch" else _search_torch
+    i, j, S = search(pos64, cells64, pbc_t, batch, cutoff)
     dtype = pos.dtype if pos.dtype.is_floating_point else torch.float64
     one = cells_t.shape[0] == 1
     vectors = edge_vectors(pos.to(dtype), (cells_t[0] if one else cells_t).to(dtype), i, j, S, None if one else batch)
@@ -489,17 +526,19 @@ def neighbor_list(positions: Any, cell: Any, pbc: Any, cutoff: float, *, backend
     cell: (3, 3) Å, lattice vectors as rows; may be zero along non-periodic directions.
     pbc: bool or (3,) bools.
     backend: None/"auto" (torch on the tensors' device for non-CPU tensors, else vesin),
-    "vesin" (C++ cell list on the host) or "torch" (pure torch, on the input's device).
+    "vesin" (C++ cell list on the host), "torch" (pure torch, on the input's device) or
+    "vesin-torch" (vesin's torch extension on the input's device, one call per structure; optional).
     Returns numpy arrays for numpy input and torch tensors (on the input's device,
     D and d differentiable w.r.t. positions and cell) for torch input.
     """
     cutoff = _check_cutoff(cutoff)
-    if _backend(positions, backend) == "torch":
+    chosen = _backend(positions, backend)
+    if chosen != "vesin":
         shape = tuple(cell.shape) if _is_torch(cell) else np.shape(cell)
         if shape != (3, 3):
             raise NeighborListError(f"cell: expected shape (3, 3), got {shape}")
         cells = cell[None] if _is_torch(cell) else np.asarray(cell, dtype=np.float64)[None]
-        return _torch_neighbors(positions, cells, _as_pbc(pbc)[None], None, cutoff, "cell", not _is_torch(positions))
+        return _torch_neighbors(positions, cells, _as_pbc(pbc)[None], None, cutoff, "cell", not _is_torch(positions), chosen)
     pos64 = _to_numpy64(positions, "positions")
     _check_positions(pos64)
     cell64 = _to_numpy64(cell, "cell")
@@ -531,8 +570,9 @@ def batch_neighbor_list(
     input, D and d are rebuilt in torch and are differentiable.
     """
     cutoff = _check_cutoff(cutoff)
-    if _backend(positions, backend) == "torch":
-        return _batch_torch(positions, cells, pbc, n_atoms, cutoff)
+    chosen = _backend(positions, backend)
+    if chosen != "vesin":
+        return _batch_torch(positions, cells, pbc, n_atoms, cutoff, chosen)
     pos64 = _to_numpy64(positions, "positions")
     _check_positions(pos64)
     cells64 = _to_numpy64(cells, "cells")
@@ -573,7 +613,7 @@ def batch_neighbor_list(
     return Neighbors(ti, tj, tS, vectors, torch.linalg.norm(vectors, dim=-1))
 
 
-def _batch_torch(positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: float) -> Neighbors:
+def _batch_torch(positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: float, backend: str = "torch") -> Neighbors:
     """``batch_neighbor_list`` on the torch backend: shapes and counts checked, one search for all structures."""
     numpy_out = not _is_torch(positions)
     pos = positions if not numpy_out else torch.as_tensor(np.asarray(positions))
@@ -592,7 +632,7 @@ def _batch_torch(positions: Any, cells: Any, pbc: Any, n_atoms: Any, cutoff: flo
         )
     batch = torch.repeat_interleave(torch.arange(n_structures, device=pos.device), counts, output_size=pos.shape[0])
     cells_in = cells if _is_torch(cells) else np.asarray(cells, dtype=np.float64)
-    return _torch_neighbors(pos, cells_in, _as_pbc(pbc, n_structures), batch, cutoff, "cells", numpy_out)
+    return _torch_neighbors(pos, cells_in, _as_pbc(pbc, n_structures), batch, cutoff, "cells", numpy_out, backend)
 
 
 

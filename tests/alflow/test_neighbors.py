@@ -85,6 +85,23 @@ def test_random_cells_match_ase_torch_backend(seed, dtype):
     assert_same_as_ase(atoms, cutoff, backend="torch", dtype=dtype)
 
 
+def test_vesin_torch_backend_matches_ase():
+    """The optional vesin-torch backend (a CUDA candidate) on the random suite and a batch, on the CPU."""
+    pytest.importorskip("vesin_torch", reason="vesin-torch not installed (optional extra alflow[gpu])")
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        atoms, cutoff = random_structure(rng)
+        assert_same_as_ase(atoms, cutoff, "vesin-torch", torch.float64)
+    frames = [random_structure(rng)[0] for _ in range(6)]
+    args = (np.concatenate([a.positions for a in frames]), np.stack([a.cell.array for a in frames]),
+            np.stack([a.pbc for a in frames]), [len(a) for a in frames], 3.0)
+    got = batch_neighbor_list(torch.tensor(args[0]), torch.tensor(args[1]), *args[2:], backend="vesin-torch")
+    ref = batch_neighbor_list(*args)
+    assert len(got) == len(ref)
+    for g, r in zip(_sorted_pairs(got.i, got.j, got.S, got.d, got.D)[:3], _sorted_pairs(ref.i, ref.j, ref.S, ref.d, ref.D)[:3]):
+        np.testing.assert_array_equal(g, r)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_atom_fcc_primitive_cell_at_6_angstrom(backend):
     atoms = bulk("Cu", "fcc", a=3.61)
@@ -160,6 +177,7 @@ def test_auto_backend_keeps_non_cpu_tensors_on_their_device(monkeypatch):
     assert nbmod._backend(np.zeros((2, 3)), "auto") == "vesin"
     with pytest.raises(NeighborListError, match="backend"):
         nbmod._backend(np.zeros((2, 3)), "cuda")
+    assert nbmod._backend(torch.zeros((2, 3)), "torch") == "torch"
     monkeypatch.setattr(nbmod, "_search", lambda *a: pytest.fail("the torch backend went through vesin"))
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     assert_same_as_ase(atoms, 4.0, "torch", torch.float64)
@@ -175,6 +193,16 @@ def test_cuda_tensors_match_ase_on_the_device(dtype):
         assert_same_as_ase(atoms, cutoff, None, dtype, device="cuda")
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(6)
     assert_same_as_ase(atoms, 5.0, None, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_vesin_torch_backend_matches_ase():
+    """vesin-torch's CUDA code on the random suite: decides whether it can be the CUDA default."""
+    pytest.importorskip("vesin_torch", reason="vesin-torch not installed (optional extra alflow[gpu])")
+    rng = np.random.default_rng(321)
+    for _ in range(100):
+        atoms, cutoff = random_structure(rng)
+        assert_same_as_ase(atoms, cutoff, "vesin-torch", torch.float64, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
