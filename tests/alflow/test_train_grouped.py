@@ -194,3 +194,27 @@ def test_members_auto_is_sequential_on_cpu_and_for_mace():
         m.architecture = "mace"
     assert members_mode(cfg, mace_like, torch.device("cuda")) == "sequential"
     assert members_mode(TrainingConfig(members="grouped"), members(), torch.device("cpu")) == "grouped"
+
+
+def test_grouped_warm_start_and_divergence(frames, tmp_path):
+    from alflow.train import TrainingDivergedError
+
+    previous, first = run(frames, "grouped", epochs=2)
+    cfg = TrainingConfig(epochs=2, batch_size=4, lr=5e-3, patience=20, ema_decay=0.9, valid_fraction=0.25,
+                         members="grouped")
+    models = members()
+    warm = train_committee(models, frames, cfg, device="cpu", dtype="float64", seed=3, progress=False,
+                           init_from=previous)
+    assert warm.extra["members_mode"] == "grouped"
+    for w, f in zip(warm.members, first.members):
+        assert w.warm_start and w.best_epoch >= 1  # the warm-start weights themselves never win
+        assert w.initial_valid_loss < 0.5 * f.initial_valid_loss
+    bad = cfg.model_copy(update={"lr": 1e30, "grad_clip": None})  # past the config's bound, on purpose
+    models = members()
+    with pytest.raises(TrainingDivergedError, match="diverged") as info:
+        train_committee(models, frames, bad, device="cpu", dtype="float64", seed=3, progress=False, out_dir=tmp_path)
+    assert info.value.best_epoch == 0 and info.value.checkpoint == str(tmp_path / "member_0" / "best.pt")
+    good = potentials.load(tmp_path / "member_0" / "best.pt", device="cpu")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    for name, tensor in models[0].state_dict().items():  # the member got the last good weights back
+        torch.testing.assert_close(good.state_dict()[name], tensor)
