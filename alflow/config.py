@@ -10,6 +10,8 @@ the config file (``config_from_dict``: ``base_dir``, default the working dir).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import os
 import functools
 import re
 import types
@@ -18,13 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from alflow.errors import InputError
 from alflow.ensembles import ENSEMBLES
 from alflow.ensembles import NAMES as ENSEMBLE_NAMES
 from alflow.ensembles import for_engine as ensembles_for
-from alflow.oracles import BUILTIN as BUILTIN_ORACLES  # the one oracle table (alflow.oracles.ORACLES)
+from alflow.oracles import BUILTIN as BUILTIN_ORACLES
+from alflow.results import STAGES  # the one oracle table (alflow.oracles.ORACLES)
 
 FALLBACK_ARCHITECTURES = ("schnet", "painn", "mace", "physnet", "dimenetpp", "tensornet", "aimnet2", "ani", "dtnn", "sake")
 Ensemble = Literal[ENSEMBLE_NAMES]  # the one ensemble table: alflow.ensembles.ENSEMBLES
@@ -32,6 +35,10 @@ ASE_ENSEMBLES = frozenset(ensembles_for("ase"))
 IPI_ENSEMBLES = frozenset(ensembles_for("ipi"))  # no Nose-Hoover in i-PI
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _REPR_MAX = 80
+ENV_KEPT = (("labelling", "parameters"), ("labelling", "fallback_parameters"))  # ${VAR} expanded by the oracle only
+CONFIG_DIR_ENV = "ALFLOW_CONFIG_DIR"  # deployments: configs only from these directories (os.pathsep-separated)
+MAX_CONFIG_BYTES = 1_000_000  # a run configuration is a few kB; more is a mistake or an attack
+MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases (a "billion laughs" expands to ~10^9)
 
 
 class ConfigError(InputError):
@@ -73,8 +80,33 @@ def _resolve(value: str | Path | None, info: ValidationInfo) -> Any:
 FilePath = Annotated[str, AfterValidator(_resolve)]  # relative to the config file's directory
 
 
+def Bounded(high: float, unit: str = "", *, low: float | None = None, kind: type = float) -> Any:  # noqa: N802
+    """A number type (``kind``) within [``low``, ``high``] (units ``unit``); NaN and inf are rejected by every model.
+
+    The bound is a sanity limit, far beyond any sensible value: an absurd number
+    (a cutoff of 10^6 Å, 10^12 steps) would hang a neighbor list or exhaust
+    memory long after validation. The field's own ``Field(gt=...)`` keeps its
+    usual lower bound.
+    """
+    where = f" {unit}" if unit else ""
+
+    def check(value: Any) -> Any:
+        if value > high:
+            raise ValueError(f"expected at most {high:g}{where} (an absurd value would hang or exhaust memory)")
+        if low is not None and value < low:
+            raise ValueError(f"expected at least {low:g}{where}")
+        return value
+
+    schema = {"maximum": high, **({"minimum": low} if low is not None else {})}
+    return Annotated[kind, AfterValidator(check), Field(json_schema_extra=schema)]
+
+
+Temperature = Bounded(1e5, "K", low=0.0)
+Pressure = Bounded(1e4, "GPa", low=-1e4)
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BuildConfig(_Model):
@@ -84,9 +116,9 @@ class BuildConfig(_Model):
     crystal: Literal["sc", "fcc", "bcc", "tetragonal", "bct", "hcp", "rhombohedral", "orthorhombic", "mcl",
                      "diamond", "zincblende", "rocksalt", "cesiumchloride", "fluorite", "wurtzite"] | None = Field(
         None, description="Crystal structure; None uses ASE's reference state of the element.")
-    a: float | None = Field(None, gt=0, description="Lattice constant a (Å); None uses ASE's reference value.")
-    c: float | None = Field(None, gt=0, description="Lattice constant c (Å), for hcp/tetragonal/wurtzite.")
-    covera: float | None = Field(None, gt=0, description="c/a ratio (dimensionless), alternative to c.")
+    a: Bounded(100.0, "Å") | None = Field(None, gt=0, description="Lattice constant a (Å); None uses ASE's reference value.")
+    c: Bounded(100.0, "Å") | None = Field(None, gt=0, description="Lattice constant c (Å), for hcp/tetragonal/wurtzite.")
+    covera: Bounded(100.0) | None = Field(None, gt=0, description="c/a ratio (dimensionless), alternative to c.")
     cubic: bool = Field(False, description="Build the conventional cubic cell.")
     orthorhombic: bool = Field(False, description="Build an orthorhombic cell.")
 
@@ -108,8 +140,8 @@ class BuildConfig(_Model):
 class RattleConfig(_Model):
     """Randomly displaced and strained copies of the structures, labelled as the first dataset."""
 
-    n_frames: int = Field(20, ge=1, description="Number of frames to generate.")
-    stdev: float = Field(0.05, ge=0, description="Standard deviation of the Gaussian displacements (Å).")
+    n_frames: Bounded(100_000, kind=int) = Field(20, ge=1, description="Number of frames to generate.")
+    stdev: Bounded(5.0, "Å") = Field(0.05, ge=0, description="Standard deviation of the Gaussian displacements (Å).")
     strain: float = Field(0.02, ge=0, lt=1, description="Maximum random cell strain (fraction, e.g. 0.02 = 2 %).")
 
 
@@ -119,7 +151,7 @@ class SystemConfig(_Model):
     structures: list[FilePath] | None = Field(None, min_length=1, description="Structure files (any format ASE/pymatgen reads), relative to the config file.")
     build: BuildConfig | None = Field(None, description="Build a bulk crystal instead of reading files.")
     supercell: tuple[int, int, int] | None = Field(None, description="Repeat the cell n1 x n2 x n3 times.")
-    min_cell_length: float | None = Field(None, gt=0, description="Repeat until every perpendicular cell width is at least this (Å).")
+    min_cell_length: Bounded(500.0, "Å") | None = Field(None, gt=0, description="Repeat until every perpendicular cell width is at least this (Å).")
     initial_dataset: FilePath | None = Field(None, description="Labelled frames (extxyz, ...) to start training from.")
     initial_rattle: RattleConfig | None = Field(default_factory=RattleConfig, description="Rattled frames labelled by the oracle to seed the dataset; null to disable.")
 
@@ -128,6 +160,8 @@ class SystemConfig(_Model):
     def _positive(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
         if v is not None and min(v) < 1:
             raise ValueError("every repetition must be >= 1")
+        if v is not None and v[0] * v[1] * v[2] > 1_000_000:
+            raise ValueError("expected at most 10^6 repetitions in all (an absurd supercell would exhaust memory)")
         return v
 
     @model_validator(mode="after")
@@ -142,7 +176,7 @@ class PotentialConfig(_Model):
     """The neural-network potential every committee member uses."""
 
     architecture: str = Field("schnet", description="Model name from the potentials registry (see known_architectures()).")
-    cutoff: float = Field(5.0, gt=0, description="Neighbour cutoff radius (Å).")
+    cutoff: Bounded(30.0, "Å") = Field(5.0, gt=0, description="Neighbour cutoff radius (Å), at most 30.")
     hparams: dict[str, Any] = Field(default_factory=dict, description="Architecture hyper-parameters passed to the model constructor.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating-point precision of the model.")
     checkpoint: FilePath | None = Field(None, description="Model file to start from instead of random weights.")
@@ -159,7 +193,7 @@ class PotentialConfig(_Model):
 class CommitteeConfig(_Model):
     """The committee of independently trained models whose disagreement measures uncertainty."""
 
-    size: int = Field(4, ge=2, description="Number of members.")
+    size: Bounded(256, kind=int) = Field(4, ge=2, description="Number of members.")
     bootstrap: bool = Field(False, description="Train each member on a bootstrap resample of the training set.")
     calibrate: bool = Field(True, description="Rescale the committee spread on the validation set (uncertainty calibration).")
     calibration_min_frames: int = Field(
@@ -169,9 +203,9 @@ class CommitteeConfig(_Model):
 class TrainingConfig(_Model):
     """Training of each committee member."""
 
-    epochs: int = Field(200, ge=1, description="Maximum epochs per training.")
-    batch_size: int = Field(8, ge=1, description="Structures per batch.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    epochs: Bounded(1_000_000, kind=int) = Field(200, ge=1, description="Maximum epochs per training.")
+    batch_size: Bounded(1_000_000, kind=int) = Field(8, ge=1, description="Structures per batch.")
+    lr: Bounded(10.0) = Field(1e-3, gt=0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     energy_weight: float = Field(1.0, ge=0, description="Loss weight of energies (per atom, eV²).")
     forces_weight: float = Field(10.0, ge=0, description="Loss weight of forces ((eV/Å)²).")
@@ -183,7 +217,6 @@ class TrainingConfig(_Model):
     test_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of frames held out for testing.")
     warm_start: bool = Field(True, description="Continue from the previous iteration's weights.")
     max_time_s: float | None = Field(None, gt=0, description="Wall-time limit per member and training (s); members trained together get K times it.")
-
     # the trainer of round two (alflow/train.py, docs/training.md)
     members: Literal["auto", "grouped", "sequential"] = Field(
         "auto", description="Train the K members together (grouped: stacked parameters, torch.vmap) or one after another; auto: grouped on an accelerator, sequential on the CPU (grouped measured no faster there, docs/benchmarks.md).")
@@ -209,21 +242,21 @@ class WalkerConfig(_Model):
     """One molecular-dynamics walker (``replicas`` copies with different seeds)."""
 
     ensemble: Ensemble = Field("nvt-langevin", description="Thermodynamic ensemble / integrator.")
-    temperature: float | list[float] = Field(300.0, description="Temperature (K); a list is a linear ramp over the run.")
-    pressure: float | list[float] | None = Field(None, validate_default=True, description="Pressure (GPa); required for npt-*, a list is a ramp.")
-    timestep: float = Field(2.0, gt=0, description="Time step (fs).")
-    steps: int = Field(1000, gt=0, description="MD steps per iteration.")
+    temperature: Temperature | list[Temperature] = Field(300.0, description="Temperature (K); a list is a linear ramp over the run.")
+    pressure: Pressure | list[Pressure] | None = Field(None, validate_default=True, description="Pressure (GPa); required for npt-*, a list is a ramp.")
+    timestep: Bounded(100.0, "fs") = Field(2.0, gt=0, description="Time step (fs).")
+    steps: Bounded(1_000_000_000, kind=int) = Field(1000, gt=0, description="MD steps per iteration.")
     stride: int = Field(10, gt=0, description="Score the committee every this many steps.")
-    friction: float = Field(0.01, gt=0, description="Langevin friction (1/fs).")
-    nbeads: int = Field(4, ge=1, description="Path-integral beads (pimd only).")
+    friction: Bounded(100.0, "1/fs") = Field(0.01, gt=0, description="Langevin friction (1/fs).")
+    nbeads: Bounded(1024, kind=int) = Field(4, ge=1, description="Path-integral beads (pimd only).")
     start: Literal["relaxed", "rattled", "strained", "vacancy", "interstitial", "surface"] = Field(
         "relaxed", description="How the starting structure is prepared.")
-    rattle_stdev: float = Field(0.05, ge=0, description="Displacement standard deviation for start=rattled (Å).")
+    rattle_stdev: Bounded(5.0, "Å") = Field(0.05, ge=0, description="Displacement standard deviation for start=rattled (Å).")
     strain: float = Field(0.02, gt=-1, lt=1, description="Isotropic strain for start=strained (fraction).")
     miller: tuple[int, int, int] = Field((1, 1, 1), description="Surface orientation for start=surface.")
-    vacuum: float = Field(10.0, gt=0, description="Vacuum thickness for start=surface (Å).")
+    vacuum: Bounded(1000.0, "Å") = Field(10.0, gt=0, description="Vacuum thickness for start=surface (Å).")
     seed: int | None = Field(None, ge=0, lt=2**62, description="Random seed (>= 0); null derives one from the run seed and walker index.")
-    replicas: int = Field(1, ge=1, description="Independent copies of this walker.")
+    replicas: Bounded(10_000, kind=int) = Field(1, ge=1, description="Independent copies of this walker.")
 
     @field_validator("temperature")
     @classmethod
@@ -267,7 +300,7 @@ class ExplorationConfig(_Model):
         "batched", description="MD engine: batched (every walker in one device batch; the default, and i-PI when a walker "
         "needs pimd), ASE integrators (a thread per walker) or i-PI over a socket (docs/exploration.md).")
     walkers: list[WalkerConfig] = Field(default_factory=lambda: [WalkerConfig()], min_length=1, description="MD walkers run each iteration.")
-    min_distance: float = Field(0.5, gt=0, description="Stop a walker when two atoms come closer than this (Å): it exploded.")
+    min_distance: Bounded(10.0, "Å") = Field(0.5, gt=0, description="Stop a walker when two atoms come closer than this (Å): it exploded.")
     uncertain_patience: int = Field(20, ge=1, description="Stop a walker after this many steps above selection.upper.")
 
     @model_validator(mode="after")
@@ -336,11 +369,17 @@ class LabellingConfig(_Model):
 
     oracle: str = Field("emt", description=f"Built-in ({', '.join(BUILTIN_ORACLES)}) or 'module:Class' of an ASE calculator.")
     parameters: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the calculator.")
-    kpoint_density: float | None = Field(None, gt=0, description="k-point density (points per Å⁻¹) for periodic DFT.")
-    timeout_s: float = Field(3600.0, gt=0, description="Wall-time limit per single-point calculation (s).")
-    threads: int = Field(1, ge=1, description="Threads / MPI ranks per calculation.")
-    retries: int = Field(1, ge=0, description="Retries of a failed calculation, using fallback_parameters in turn.")
+    kpoint_density: Bounded(100.0, "points per Å⁻¹") | None = Field(None, gt=0, description="k-point density (points per Å⁻¹) for periodic DFT.")
+    timeout_s: Bounded(1e7, "s") = Field(3600.0, gt=0, description="Wall-time limit per single-point calculation (s).")
+    threads: Bounded(4096, kind=int) = Field(1, ge=1, description="Threads / MPI ranks per calculation.")
+    retries: Bounded(100, kind=int) = Field(1, ge=0, description="Retries of a failed calculation, using fallback_parameters in turn.")
+    memory_limit_gb: Bounded(1e5, "GB") | None = Field(
+        None, ge=0.5, description="Address-space limit (RLIMIT_AS, GB = 1e9 bytes) of each label worker and the code it "
+                                  "runs; a calculation that needs more fails as an error (MemoryError). null: no limit.")
     fallback_parameters: list[dict[str, Any]] = Field(default_factory=list, description="Parameter overrides tried on retries.")
+    max_force_warning: Bounded(1e6, "eV/Å") = Field(
+        50.0, gt=0, description="Warn about labels whose largest force exceeds this (eV/Å; usually overlapping atoms); "
+                                "they are stored, `alflow data remove --where 'max_force>50'` removes them.")
 
     @field_validator("oracle")
     @classmethod
@@ -355,7 +394,7 @@ class LabellingConfig(_Model):
 class LoopConfig(_Model):
     """When the active-learning loop stops."""
 
-    max_iterations: int = Field(10, ge=1, description="Maximum iterations (train, explore, select, label).")
+    max_iterations: Bounded(100_000, kind=int) = Field(10, ge=1, description="Maximum iterations (train, explore, select, label).")
     max_labels: int | None = Field(None, ge=1, description="Stop once this many frames were labelled in total.")
     convergence_fraction: float = Field(0.99, gt=0, le=1, description="Converged when this fraction of explored frames is below selection.lower.")
     convergence_patience: int = Field(1, ge=1, description="Consecutive converged iterations required to stop.")
@@ -365,7 +404,7 @@ class ExecutionConfig(_Model):
     """Where and how tasks run."""
 
     task_runner: Literal["thread", "process", "dask"] = Field("thread", description="Prefect task runner.")
-    max_workers: int = Field(2, ge=1, description="Concurrent tasks.")
+    max_workers: Bounded(4096, kind=int) = Field(2, ge=1, description="Concurrent tasks.")
     dask_address: str | None = Field(None, description="Scheduler address for task_runner=dask; null starts a local cluster.")
     dask_resources: dict[str, dict[str, float]] = Field(
         default_factory=dict,
@@ -380,7 +419,7 @@ class ExecutionConfig(_Model):
             raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
         if self.dask_resources and self.task_runner != "dask":
             raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
-        stages = ("initial", "train", "explore", "select", "label")
+        stages = STAGES  # the stage table (alflow.results)
         for stage, needs in self.dask_resources.items():
             if stage not in stages:
                 raise _fail(f"expected a stage name ({', '.join(stages)})", "dask_resources", stage, got=stage)
@@ -406,6 +445,15 @@ class RunConfig(_Model):
     labelling: LabellingConfig = Field(default_factory=LabellingConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    _env_placeholders: dict[tuple[str | int, ...], tuple[str, str]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _directory_name(cls, v: str) -> str:
+        if v in (".", "..") or any(c in v for c in ("/", "\\", "\0")) or v != v.strip():
+            raise ValueError("the run name is one directory name under runs/: no '/', '\\', NUL, no '.' or '..', "
+                             "no leading or trailing spaces")
+        return v
 
     @model_validator(mode="after")
     def _default_run_dir(self, info: ValidationInfo) -> RunConfig:
@@ -525,12 +573,56 @@ def _format_errors(exc: ValidationError, root: yaml.Node | None = None) -> list[
     return lines
 
 
+def _substitute_env(data: dict[str, Any], source: str,
+                    root: yaml.Node | None) -> tuple[dict[str, Any], dict[tuple[str | int, ...], tuple[str, str]]]:
+    """``${ENV_VAR}`` references (``alflow.secrets``): replaced by the variable's value, except under
+    ``ENV_KEPT`` (oracle parameters), where they stay and are expanded only when the oracle is built.
+
+    Returns the substituted data and ``{field path: (text as written, text substituted)}``, so that
+    ``config_to_yaml`` writes the reference back, never the value. A variable that is not set is a
+    ``ConfigError`` naming the field, the variable and the line.
+    """
+    from alflow.secrets import MissingEnvVar, expand_env
+
+    placeholders: dict[tuple[str | int, ...], tuple[str, str]] = {}
+    errors: list[str] = []
+
+    def walk(value: Any, loc: tuple[str | int, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*loc, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*loc, i)) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "$" not in value:
+            return value
+        dotted = ".".join(str(p) for p in loc)
+        try:
+            expanded = expand_env(value, dotted)
+        except MissingEnvVar as err:
+            line = _line_of(root, loc) if root is not None else None
+            errors.append(f"{err}{f' [line {line}]' if line is not None else ''}")
+            return value
+        if loc[:2] in ENV_KEPT:
+            return value
+        if expanded != value:
+            placeholders[loc] = (value, expanded)
+        return expanded
+
+    out = walk(data, ())
+    if errors:
+        head = f"{source}: invalid configuration ({len(errors)} error{'s' * (len(errors) != 1)})"
+        raise ConfigError("\n  ".join([head, *errors]), errors=errors, path=source)
+    return out, placeholders
+
+
 def _validate(data: Any, base_dir: Path, source: str, root: yaml.Node | None = None) -> RunConfig:
     if not isinstance(data, dict):
         where = f" [line {root.start_mark.line + 1}]" if root is not None else ""
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}{where}", path=source)
+    data, placeholders = _substitute_env(data, source, root)
     try:
-        return RunConfig.model_validate(data, context={"base_dir": base_dir})
+        cfg = RunConfig.model_validate(data, context={"base_dir": base_dir})
+        cfg._env_placeholders = placeholders
+        return cfg
     except ValidationError as exc:
         errors = _format_errors(exc, root)
         head = f"{source}: invalid configuration ({len(errors)} error{'s' * (len(errors) != 1)})"
@@ -543,16 +635,96 @@ def config_from_dict(data: dict[str, Any], base_dir: str | Path | None = None) -
     return _validate(data, base, "<dict>")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration; raises ``ConfigError`` listing every problem."""
-    path = Path(path)
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Number of nodes of the document with every alias expanded (memoized: linear in the distinct nodes).
+
+    Raises ``ValueError`` above ``limit`` nodes or for an alias that contains itself.
+    """
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise ValueError(f"an alias refers to a node that contains it [line {node.start_mark.line + 1}]")
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        if total > limit:
+            raise ValueError(f"more than {limit} values once aliases are expanded (nested aliases? "
+                             f"[line {node.start_mark.line + 1}])")
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def config_digest(path: str | Path) -> str:
+    """sha256 (hex) of the config file's bytes: what ``alflow deploy --pin-config`` pins."""
     try:
-        text = path.read_text()
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})", path=path) from None
+
+
+def check_config_location(path: str | Path, allowed: str | None = None) -> Path:
+    """``path`` (resolved, symlinks followed) when it lies in an allowed directory, else ``ConfigError``.
+
+    ``allowed``: directories separated by ``os.pathsep`` (default ``$ALFLOW_CONFIG_DIR``); unset or
+    empty allows every path. A deployed flow calls this before it reads the config (docs/security.md).
+    """
+    real = Path(os.path.realpath(path))
+    allowed = os.environ.get(CONFIG_DIR_ENV, "") if allowed is None else allowed
+    dirs = [Path(os.path.realpath(d)) for d in allowed.split(os.pathsep) if d]
+    if dirs and not any(real.is_relative_to(d) for d in dirs):
+        raise ConfigError(f"config_path {path}: not inside an allowed directory ({CONFIG_DIR_ENV}="
+                          f"{os.pathsep.join(map(str, dirs))}); this deployment runs only configs from there",
+                          path=path)
+    return real
+
+
+def load_config(path: str | Path, *, sha256: str | None = None) -> RunConfig:
+    """Read and validate a YAML run configuration; raises ``ConfigError`` listing every problem.
+
+    ``sha256``: the hex digest the file's bytes must have (a pinned deployment); the bytes
+    checked are the bytes parsed.
+
+    The file may hold at most ``MAX_CONFIG_BYTES`` bytes and ``MAX_CONFIG_NODES``
+    values with aliases expanded, so a hostile file fails at once instead of
+    expanding to gigabytes during validation.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})", path=path) from None
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256.strip().lower():
+        raise ConfigError(f"{path}: content (sha256 {hashlib.sha256(raw).hexdigest()}) differs from the pinned "
+                          f"sha256 {sha256}; this deployment runs only the config it was deployed with "
+                          "(redeploy with `alflow deploy --pin-config` to change it)", path=path)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a run configuration is a few kB "
+                          "(is this the right file?)", path=path)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            try:
+                _expanded_size(root, MAX_CONFIG_NODES)
+            except (ValueError, RecursionError) as exc:
+                why = str(exc) if isinstance(exc, ValueError) else "aliases nested too deeply"
+                raise ConfigError(f"{path}: too large a configuration: {why}", path=path) from None
         data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -565,8 +737,24 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    """The configuration, defaults included, as YAML text."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The configuration, defaults included, as YAML text; ``${ENV_VAR}`` references as written, not their values."""
+    data = cfg.model_dump(mode="json")
+    for loc, (written, substituted) in cfg._env_placeholders.items():
+        node: Any = data
+        for part in loc[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        try:
+            current = node[loc[-1]] if node is not None else None
+        except (KeyError, IndexError, TypeError):
+            continue
+        # a string the validation changed (a path made absolute) is no secret: keep what was validated
+        if current is not None and (not isinstance(current, str) or current == substituted):
+            node[loc[-1]] = written
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> Path:
