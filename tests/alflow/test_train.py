@@ -289,3 +289,31 @@ def test_train_stage_reports_training_epochs_and_seconds(frames, tmp_path):
     assert row["train_epochs"] == 4 and row["train_fit_seconds"] == result["train_seconds"]
     head, body = iteration_table([row])
     assert body[0][head.index("train epochs")] == "4"
+
+
+@pytest.mark.parametrize("element", ["Si", "Ge", "Mo", "Li"])
+def test_mlearn_examples_and_benchmark_configs_are_valid(element, tmp_path):
+    """examples/mlearn/<El>.yaml validate; benchmarks/mlearn.py's written config.yaml is one `alflow train` accepts."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from alflow.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    example = load_config(root / "examples" / "mlearn" / f"{element}.yaml")
+    assert example.committee.size == 4 and example.training.final_epochs > 0
+    assert example.system.initial_dataset.endswith(f"shared/data/mlearn/{element}_train.extxyz")
+    spec = importlib.util.spec_from_file_location("mlearn_benchmark", root / "benchmarks" / "mlearn.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(epochs=3, max_time=60.0, members=None, members_mode="grouped", arch=None, hparams=None,
+                              device="cpu", training='{"final_epochs": 1}')
+    cfg = bench.element_config(element, args, tmp_path / "data.extxyz", tmp_path / "out")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    loaded = load_config(tmp_path / "config.yaml")
+    assert loaded.training.epochs == 3 and loaded.training.max_time_s == 15.0 and loaded.training.final_epochs == 1
+    assert loaded.training.members == "grouped" and loaded.execution.device == "cpu"
+    assert Path(loaded.system.initial_dataset) == (tmp_path / "data.extxyz").resolve()
