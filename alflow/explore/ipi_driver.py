@@ -229,13 +229,28 @@ class IPIDriver:
             cell, positions = c.pending
             t = c.target.template
             frames.append(Atoms(numbers=t.numbers, positions=positions, cell=cell, pbc=t.pbc))
-        results = self.evaluate(frames)
+        try:
+            results: list[Any] = self.evaluate(frames)
+        except Exception:  # noqa: BLE001 - find the structure that fails; the others must not fail with it
+            results = []
+            for atoms in frames:
+                try:
+                    results.extend(self.evaluate([atoms]))
+                except Exception as exc:  # noqa: BLE001 - this walker's failure stays its own
+                    results.append(exc)
         self.calls += 1
         for c, atoms, r in zip(held, frames, results):
-            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()))
             c.pending = None
             c.status = "HAVEDATA"
             self.steps += 1
+            if isinstance(r, Exception):  # answer with zeros so that i-PI can finish the step, then stop it
+                c.result = (0.0, np.zeros((len(atoms), 3)), np.zeros((3, 3)), b"{}")
+                c.target.evaluations += 1
+                if not c.target.stopped:
+                    self._stop(c.target, None, None, c.target.evaluations // max(1, c.target.connections),
+                               "ERROR", f"the model failed on this walker's structure: {type(r).__name__}: {r}")
+                continue
+            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()))
             self._judge(c.target, atoms, r)
 
     def _judge(self, target: Target, atoms: Atoms, r: dict[str, Any]) -> None:
@@ -262,7 +277,10 @@ class IPIDriver:
         if status != DONE:
             self._stop(target, atoms, r, step, status, message)
 
-    def _stop(self, target: Target, atoms: Atoms, r: dict[str, Any], step: int, status: str, message: str) -> None:
+    def _stop(self, target: Target, atoms: Atoms | None, r: dict[str, Any] | None, step: int, status: str,
+              message: str) -> None:
+        """Record the verdict (``stop.json``), the scored stopping frame when there is one
+        (``stop.extxyz``), and ask i-PI to stop (``EXIT``) in the walker's run directory."""
         from alflow.explore.frames import scored_frame
 
         target.stopped = True
@@ -270,10 +288,11 @@ class IPIDriver:
         if target.run_dir is None:
             return
         run_dir = Path(target.run_dir)
-        alpha = getattr(self.evaluate.model, "alpha", None)
-        frame = scored_frame(atoms, r, step, target.name, float("nan"), source="ipi",
-                             alpha=None if alpha is None else float(alpha))
-        write(run_dir / "stop.extxyz", frame, format="extxyz")
+        if atoms is not None and r is not None:
+            alpha = getattr(self.evaluate.model, "alpha", None)
+            frame = scored_frame(atoms, r, step, target.name, float("nan"), source="ipi",
+                                 alpha=None if alpha is None else float(alpha))
+            write(run_dir / "stop.extxyz", frame, format="extxyz")
         (run_dir / "stop.json").write_text(json.dumps({"status": status, "message": message, "step": step}))
         (run_dir / "EXIT").touch()  # i-PI's soft exit: it finishes this step, writes its outputs and stops
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from ase.io import read
 import potentials
 from alflow import keys
 from alflow.explore.evaluator import ModelEvaluator
+from alflow.explore.ipi_driver import IPIDriver, StopRules, Target, _Channel
 from alflow.explore.ipi import (
     IPI_SOCKET_PREFIX, IPIRunSpec, parse_run, read_active, read_extras, run_ipi, run_ipi_walkers, write_input,
 )
@@ -195,3 +198,35 @@ def test_a_vanished_server_ends_only_its_own_walker(tmp_path, committee_file):
         for address in addresses:
             if os.path.exists(IPI_SOCKET_PREFIX + address):
                 os.unlink(IPI_SOCKET_PREFIX + address)
+
+
+def test_a_structure_the_model_fails_on_stops_only_its_walker(tmp_path, committee_file):
+    """One held structure with a NaN coordinate in a gathered batch: its walker is stopped (ERROR, EXIT file),
+    the other walker gets its forces from the same gathered call."""
+    good = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    good.rattle(0.05, seed=4)
+    bad = good.copy()
+    bad.positions[3] = np.nan
+    targets = [Target(template=good, run_dir=tmp_path / "good", name="good"),
+               Target(template=bad, run_dir=tmp_path / "bad", name="bad")]
+    for t in targets:
+        t.run_dir.mkdir()
+    driver = IPIDriver(potentials.load(committee_file, device="cpu"), targets, device="cpu",
+                       rules=StopRules(min_distance=0.5))
+    sockets = [socket.socketpair() for _ in targets]
+    try:
+        driver.channels = [_Channel(a, t) for (a, _), t in zip(sockets, targets)]
+        for channel, atoms in zip(driver.channels, (good, bad)):
+            channel.pending = (atoms.cell.array, atoms.positions)
+        driver._evaluate_pending()
+        [ref] = ModelEvaluator(potentials.load(committee_file, device="cpu"), device="cpu")([good])
+        energy, forces, _, _ = driver.channels[0].result
+        np.testing.assert_allclose(forces * units.Hartree / units.Bohr, ref["forces"], rtol=1e-10, atol=1e-12)
+        assert not (tmp_path / "good" / "stop.json").exists() and not (tmp_path / "good" / "EXIT").exists()
+        verdict = json.loads((tmp_path / "bad" / "stop.json").read_text())
+        assert verdict["status"] == "ERROR" and "NaN" in verdict["message"]
+        assert (tmp_path / "bad" / "EXIT").exists() and driver.channels[1].status == "HAVEDATA"
+    finally:
+        for pair in sockets:
+            for s in pair:
+                s.close()
