@@ -38,16 +38,20 @@ class StageResult:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | StageResult) -> T:
         """Back from a stored dict (unknown keys ignored, missing keys default)."""
-        if isinstance(data, cls):
-            return data
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(data).items() if k in known}
-        for name, fld in known.items():
-            if name in values and fld.metadata.get("of") is not None and values[name] is not None:
-                values[name] = tuple(fld.metadata["of"].from_dict(v) for v in values[name])
-            elif name in values and isinstance(values[name], list):
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type[Any], data: Any) -> Any:
+    """``cls`` from a stored dict: known keys only, lists back to tuples (records where a field says ``of``)."""
+    if isinstance(data, cls):
+        return data
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(data).items() if k in known}
+    for name, value in values.items():
+        record = known[name].metadata.get("of")
+        if isinstance(value, (list, tuple)):
+            values[name] = tuple(record.from_dict(v) for v in value) if record is not None else tuple(value)
+    return cls(**values)
 
 
 def _jsonable(value: Any) -> Any:
@@ -76,10 +80,7 @@ class WalkerRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | WalkerRecord) -> WalkerRecord:
-        if isinstance(data, cls):
-            return data
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
