@@ -23,7 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from alflow.errors import InputError
-from alflow.ensembles import ENSEMBLES
+from alflow.ensembles import ENGINES, ENSEMBLES
 from alflow.ensembles import NAMES as ENSEMBLE_NAMES
 from alflow.ensembles import for_engine as ensembles_for
 from alflow.oracles import BUILTIN as BUILTIN_ORACLES
@@ -296,7 +296,7 @@ class WalkerConfig(_Model):
 class ExplorationConfig(_Model):
     """Molecular dynamics with the committee to find uncertain structures."""
 
-    engine: Literal["batched", "ase", "ipi"] = Field(
+    engine: Literal[ENGINES] = Field(  # type: ignore[valid-type] - the engines of alflow.ensembles
         "batched", description="MD engine: batched (every walker in one device batch; the default, and i-PI when a walker "
         "needs pimd), ASE integrators (a thread per walker) or i-PI over a socket (docs/exploration.md).")
     walkers: list[WalkerConfig] = Field(default_factory=lambda: [WalkerConfig()], min_length=1, description="MD walkers run each iteration.")
@@ -305,10 +305,10 @@ class ExplorationConfig(_Model):
 
     @model_validator(mode="after")
     def _engine_can(self) -> ExplorationConfig:
-        batched = ASE_ENSEMBLES  # the batched engine runs the ASE engine's ensembles (alflow.explore.batched)
+        batched = frozenset(ensembles_for("batched"))  # the batched engine's ensembles (alflow.ensembles)
         if "engine" not in self.model_fields_set and any(w.ensemble not in batched for w in self.walkers):
             object.__setattr__(self, "engine", "ipi")  # the default: batched, unless a walker needs i-PI (pimd)
-        allowed = {"batched": batched, "ase": ASE_ENSEMBLES}.get(self.engine, IPI_ENSEMBLES)
+        allowed = frozenset(ensembles_for(self.engine))
         for i, walker in enumerate(self.walkers):
             if walker.ensemble not in allowed:
                 raise _fail(f"engine {self.engine!r} cannot run this ensemble; it supports {', '.join(sorted(allowed))}",

@@ -46,18 +46,9 @@ USES_K = ("gpaw", "espresso", "cp2k")
 
 
 def installed(oracle: str) -> bool:
-    import importlib.util
-    import shutil
+    from alflow.oracles import missing_requirement  # the oracle table knows each code's module or executable
 
-    if "worker_pythonpath" in SETTINGS.get(oracle, {}):
-        return True
-
-    probe = {"gpaw": "gpaw", "xtb": "tblite", "chgnet": "chgnet", "sevenn": "sevenn", "emt": "ase"}
-    if oracle == "espresso":
-        return shutil.which("pw.x") is not None
-    if oracle == "cp2k":
-        return shutil.which("cp2k_shell") is not None
-    return importlib.util.find_spec(probe[oracle]) is not None
+    return missing_requirement(oracle, SETTINGS.get(oracle, {})) is None
 
 
 def cells() -> dict[str, Atoms]:

@@ -6,12 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from alflow.ensembles import ENGINES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run configuration (YAML)")
     parser.add_argument("--model", required=True, help="potential or committee file (potentials.save)")
     parser.add_argument("--out", help="output directory (default: <run_dir>/md)")
-    parser.add_argument("--engine", choices=["batched", "ase", "ipi"], help="override exploration.engine")
+    parser.add_argument("--engine", choices=ENGINES, help="override exploration.engine")
     parser.add_argument("--device", help="auto, cpu or cuda (default: execution.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -33,6 +33,7 @@ import torch
 from ase import Atoms
 
 from alflow import keys
+from alflow.ensembles import for_engine as ensembles_for
 from alflow.explore.ase_md import WalkerSpec, check_finite_settings, committee_alpha, ramp
 from alflow.devices import resolve_device as pick_device
 from alflow.explore.frames import (
@@ -52,7 +53,7 @@ from alflow.md import integrators
 from alflow.md.state import MDState, WalkerSetup, concat, make_state, select
 from alflow.neighbors import batch_neighbor_list, edge_vectors
 
-ENSEMBLES = ("nve", "nvt-langevin", "nvt-svr", "nvt-nose-hoover", "npt-iso", "npt-aniso")
+ENSEMBLES = ensembles_for("batched")  # the one ensemble table: alflow.ensembles
 RUNNING, STOP_UNCERTAIN, STOP_NONFINITE, STOP_FORCE, STOP_CLOSE = 0, 1, 2, 3, 4
 
 

@@ -48,6 +48,9 @@ def test_config_cli_and_dispatch_derive_from_the_oracle_table() -> None:
     assert all(name in help_text for name in oracles.ORACLES)
     description = config.LabellingConfig.model_fields["oracle"].description
     assert all(name in description for name in oracles.ORACLES)
+    row = next(line for line in (DOCS / "configuration.md").read_text().splitlines()
+               if line.startswith("| `labelling.oracle` |"))
+    assert all(name in row for name in oracles.ORACLES), "docs/configuration.md: the labelling.oracle row"
     for name in oracles.ORACLES:  # every built-in name validates, in any case
         assert config.LabellingConfig(oracle=name.upper()).oracle == name
 
@@ -69,10 +72,18 @@ def test_an_oracle_that_cannot_run_here_is_named_before_it_is_built(tmp_path: Pa
 def test_ensemble_lists_derive_from_the_one_table() -> None:
     import typing
 
+    import argparse
+
     from alflow import config, ensembles
-    from alflow.explore import ase_md, ipi
+    from alflow.commands import md
+    from alflow.explore import ase_md, batched, ipi
 
     assert typing.get_args(config.Ensemble) == ensembles.NAMES
+    assert typing.get_args(config.ExplorationConfig.model_fields["engine"].annotation) == ensembles.ENGINES
+    parser = argparse.ArgumentParser()
+    md.add_arguments(parser)
+    assert tuple(next(a.choices for a in parser._actions if "--engine" in a.option_strings)) == ensembles.ENGINES
+    assert batched.ENSEMBLES == ensembles.for_engine("batched")
     assert ase_md.ENSEMBLES == ensembles.for_engine("ase")
     assert ipi.IPI_ENSEMBLES == ensembles.for_engine("ipi")
     assert config.ASE_ENSEMBLES == set(ensembles.for_engine("ase"))
