@@ -15,20 +15,19 @@ import shutil
 import pytest
 import torch
 
-# how to find each DFT code: a Python module or an executable
-DFT_CODES = {
-    "gpaw": ("module", "gpaw"),
-    "espresso": ("executable", "pw.x"),
-    "cp2k": ("executable", "cp2k_shell"),
-    "xtb": ("module", "tblite"),
-}
+DFT_CODES = ("gpaw", "espresso", "cp2k", "xtb")  # reported in the header; how to find each: alflow.oracles.ORACLES
 
 
 def dft_available(code: str) -> bool:
-    kind, name = DFT_CODES.get(code, ("module", code))
-    if kind == "module":
-        return importlib.util.find_spec(name) is not None
-    return shutil.which(name) is not None or shutil.which(name.replace("_shell", ".psmp")) is not None
+    """Whether ``code`` runs here: its module or executable from the oracle table (cp2k also as cp2k.psmp)."""
+    from alflow.oracles import ORACLES
+
+    spec = ORACLES.get(code)
+    if spec is not None and spec.executable:
+        name = spec.executable
+        return shutil.which(name) is not None or shutil.which(name.replace("_shell", ".psmp")) is not None
+    module = spec.module if spec is not None and spec.module else code
+    return importlib.util.find_spec(module) is not None
 
 
 # Tests use small models: one intra-op thread is faster and keeps CI's 2 cores for subprocesses
