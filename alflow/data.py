@@ -18,7 +18,7 @@ write/read round trip. Labels are not hashed: the same structure labelled twice
 is stored once (first wins).
 
 Validation at the door (``alflow.io.validate_frame``): besides the labels, a frame's structure must
-be one training can use: finite coordinates within 1e6 Å, a periodic cell that is not flat, no two
+be one training can use: finite coordinates within 1e5 Å, a periodic cell that is not flat, no two
 atoms closer than 0.1 Å. The message names the file and frame.
 
 Conflicts: a frame whose structure is already stored but whose labels differ (energy by more than

@@ -1,7 +1,8 @@
 """Labelling: run an oracle on frames, isolated and restartable, and store each label as it finishes.
 
 Every single-point calculation runs in its own scratch directory
-``WORKDIR/scratch/<hash16>-a<attempt>`` in a separate process
+``WORKDIR/scratch/<pid>-<8 hex>/<hash16>-a<attempt>`` (``scratch_dir``: one directory per labelling
+process, so two processes never touch each other's files) in a separate process
 (``python -m alflow.label_worker``, own session, OMP/MKL/OpenBLAS threads =
 ``threads``), so a segfault or a memory blow-up of the code cannot take the
 caller down. The wall-clock limit ``timeout_s`` is enforced by killing the
@@ -9,17 +10,43 @@ worker's whole process group (SIGKILL).
 
 Failures are data: a failed attempt (``timeout``, ``crash`` = killed by a
 signal or exited without a result, ``scf_not_converged``, ``missing_stress``,
-``error``) is one JSON line in ``WORKDIR/failures.jsonl`` (frame hash, status,
-error, log tail, attempt, parameters, final). Attempt k >= 1 uses the
-parameters updated with ``fallback_parameters[(k - 1) % len]`` (nested dicts
-merged); after ``1 + retries`` attempts the frame is finally failed and never
-becomes a label.
+``invalid_result`` = wrong shape or non-finite numbers, ``rejected`` = the
+dataset refused the labelled frame, ``error``) is one JSON line in
+``WORKDIR/failures.jsonl`` (frame hash, status, error, log tail, attempt,
+parameters, ``settings_key``, final). Attempt k >= 1 uses the parameters
+updated with ``fallback_parameters[(k - 1) % len]`` (nested dicts merged);
+after ``1 + retries`` attempts the frame is finally failed with these settings.
+
+Oracle settings (``settings_key``): a hash of the labelling settings that decide
+whether a calculation succeeds (oracle, parameters, fallbacks, k-point density,
+timeout, retries, threads, memory limit, code version). Failure records are keyed
+by frame *and* settings: a frame that finally failed is skipped only while the
+settings are the same (``retry_failed=True`` tries it anyway); after a fixed
+typo or another oracle it is tried again. Only the hash of the settings is
+compared, so secrets in parameters never need to be read back.
+
+Before the first calculation the oracle is built once in a probe worker on the
+first frame to label (``probe_oracle``): an unknown module, a misspelt parameter
+or a missing executable is an ``OracleError`` naming the oracle, not one failure
+record per frame. Frames whose structure the dataset would reject (flat cell,
+coincident atoms, absurd coordinates: ``alflow.io.validate_structure``) never
+reach the oracle; they are listed in ``LabelResult.rejected``.
 
 Resume: each label is appended to the ``Dataset`` (one atomic shard) as soon
 as it finishes. A rerun skips frames whose hash is in the dataset or recorded
-as finally failed (``retry_failed=True`` tries those again), and continues an
-interrupted frame at its next attempt. A kill at any moment loses at most the
-calculations in flight and never duplicates a label.
+as finally failed with the same settings, and continues an interrupted frame
+at its next attempt. A kill at any moment loses at most the calculations in
+flight and never duplicates a label.
+
+One labeller at a time (``labelling_lock``): ``label_frames`` holds an exclusive
+``fcntl.flock`` on ``DATASET/.labelling.lock`` and ``WORKDIR/.labelling.lock``
+for its whole run; a second process fails at once with ``LabellingBusy`` naming
+the holder's pid, host, start time and command. The kernel releases the lock
+when the holder dies, even by SIGKILL.
+
+Labels with ``max |F|`` above ``max_force_warning`` (eV/Å; overlapping atoms)
+are stored and reported (``LabelResult.high_force`` and a warning on the
+``alflow.label`` logger).
 
 Labelled frames carry ``REF_energy`` (eV; the force-consistent free energy where
 the code reports one), ``REF_forces`` (eV/Å), ``REF_stress`` (eV/Å³ Voigt, only
@@ -34,7 +61,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import uuid
 import shutil
 import signal
 import subprocess
@@ -43,7 +72,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,19 +82,27 @@ import numpy as np
 from ase import Atoms
 
 from alflow.config import LabellingConfig
-from alflow.data import Dataset
-from alflow.io import frame_hash
+from alflow.data import Dataset, DatasetBusy, exclusive_lock
+from alflow.io import DatasetError, frame_hash, validate_structure
 from alflow.keys import FRAME_HASH, LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, STATUS, TIMESTAMP
-from alflow.oracles import code_version, deep_merge, isolated_atom, source_of
+from alflow.oracles import OracleError, code_version, deep_merge, isolated_atom, source_of
+from alflow.fileio import atomic_write_json, atomic_write_text
+from alflow.secrets import MissingEnvVar, expand_env, redact, scrub, secret_values
 
-__all__ = ["LabelResult", "Outcome", "label_frames", "read_failures", "reference_energies", "run_calculation"]
+__all__ = ["LabelResult", "LabellingBusy", "Outcome", "label_frames", "labelling_lock", "probe_oracle",
+           "read_failures", "reference_energies", "run_calculation", "scratch_dir", "settings_key"]
+
+log = logging.getLogger("alflow.label")
 
 FAILURES = "failures.jsonl"
 LABELLED = "labelled.jsonl"
 LOG_TAIL = 4000  # characters of log kept in a failure record
+SCRUB_MAX_BYTES = 64_000_000  # logs up to this size have secret values removed after the worker ends
 KILL_SLACK_S = 5.0  # waiting for a killed process group to go
 WORKER_PYTHONPATH = "worker_pythonpath"  # reserved parameter: extra import path of the worker only (teachers)
 PERIODIC_REFERENCE = ("gpaw", "espresso", "cp2k", "vasp")  # codes that need a box for an isolated atom
+PROBE_TIMEOUT_S = 600.0  # longest wait (s) for the probe that builds the oracle once before any calculation
+NOT_SETTINGS = ("max_force_warning",)  # LabellingConfig fields that cannot change whether a calculation succeeds
 
 
 @dataclass(frozen=True)
@@ -86,12 +123,23 @@ class LabelResult:
     n_frames: int  # distinct frames given
     n_labelled: int  # labelled by this call
     n_failed: int  # finally failed in this call
-    n_skipped: int  # already in the dataset or already finally failed
+    n_skipped: int  # n_in_dataset + n_failed_before
     n_attempts: int  # calculations started by this call
     elapsed_s: float
     workdir: Path
     dataset: Path
     failures: Path
+    n_in_dataset: int = 0  # skipped: already in the dataset
+    n_failed_before: int = 0  # skipped: finally failed before with the same settings (retry_failed tries them)
+    rejected: tuple[tuple[str, str], ...] = ()  # (frame hash, reason): structure the dataset refuses; never sent
+    high_force: tuple[tuple[str, float], ...] = ()  # (frame hash, max |F| eV/Å) of labels above max_force_warning
+    settings_key: str = ""
+    failed: frozenset[str] = field(default_factory=frozenset)  # hashes finally failed in this call
+
+    @property
+    def complete(self) -> bool:
+        """Whether every distinct frame given is in the dataset now."""
+        return self.n_in_dataset + self.n_labelled == self.n_frames
 
 
 def _tail(path: Path, n: int = LOG_TAIL) -> str:
@@ -118,22 +166,34 @@ def _log_tail(taskdir: Path) -> str:
 
 
 def _worker_env(threads: int, pythonpath: Sequence[str] = ()) -> dict[str, str]:
-    """Environment of a worker: thread counts, and the caller's import path (plus ``worker_pythonpath``) first."""
+    """Environment of a worker: thread counts, and an import path of only what is installed or named.
+
+    The worker imports from the interpreter's own paths (site-packages and its ``.pth`` files), the
+    user's ``PYTHONPATH`` (relative entries resolved against the working directory now, empty ones
+    dropped) and ``worker_pythonpath`` (first) -- never from the caller's working directory or the
+    worker's own (``PYTHONSAFEPATH=1``, see ``WORKER_COMMAND``), so a ``json.py`` lying there cannot run.
+    """
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = str(threads)
-    prefixes = tuple({sys.prefix, sys.base_prefix})
-    extra = [str(Path(p).resolve()) for p in pythonpath] + [os.getcwd()]
-    extra += [p for p in sys.path if p and not p.startswith(prefixes)]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra + env.get("PYTHONPATH", "").split(os.pathsep))).strip(os.pathsep)
+    extra = [str(Path(p).resolve()) for p in pythonpath]
+    extra += [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra))
+    if not env["PYTHONPATH"]:
+        del env["PYTHONPATH"]
+    env["PYTHONSAFEPATH"] = "1"  # no working/script directory on sys.path (Python >= 3.11), also in children
     return env
+
+
+# ``-P`` (Python >= 3.11): ``-m`` does not put the working directory (the task directory) on sys.path
+WORKER_COMMAND = (sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "alflow.label_worker")
 
 
 _RUNNING_LOCK = threading.Lock()
 
 
 def kill_running(running: set[int]) -> int:
-    """SIGKILL the process groups of the workers in ``running`` (filled by ``run_calculation``); how many."""
+    """SIGKILL the workers in ``running`` (filled by ``run_calculation``) with all their descendants; how many."""
     with _RUNNING_LOCK:
         pids = list(running)
     for pid in pids:
@@ -142,10 +202,11 @@ def kill_running(running: set[int]) -> int:
 
 
 def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGKILL worker ``pid``, its process group and every descendant, also those in a session of their own
+    (the worker is their subreaper, see ``alflow.process``)."""
+    from alflow.process import kill_tree
+
+    kill_tree(pid)
 
 
 def run_calculation(
@@ -160,6 +221,8 @@ def run_calculation(
     properties: Sequence[str] = ("energy", "forces", "stress"),
     gamma_only: bool = False,
     running: set[int] | None = None,
+    memory_limit_gb: float | None = None,
+    build_only: bool = False,
 ) -> Outcome:
     """Run ``oracle`` on ``atoms`` in a fresh ``taskdir`` in a subprocess; never raises for oracle failures.
 
@@ -167,13 +230,23 @@ def run_calculation(
     worker's import path only: a teacher whose dependencies clash with the
     main environment (sevenn needs e3nn 0.6, mace-torch pins 0.4.4) lives in a
     ``pip install --target`` directory. ``running`` (optional set) holds the
-    worker's process-group id while it runs, for ``kill_running``.
+    worker's process-group id while it runs, for ``kill_running``. ``memory_limit_gb``: address-space limit
+    (RLIMIT_AS, GB = 1e9 bytes) of the worker and the code it runs; exceeding it fails the attempt (MemoryError).
+    The worker dies with this process (parent-death signal) and adopts its orphaned descendants (subreaper),
+    so a timeout kills everything it started, even a child in a session of its own.
+    ``build_only``: only build the calculator (``probe_oracle``); the result is the worker's answer.
+    A result is checked by ``alflow.label_worker.validate_result`` here too: a bad one is
+    ``invalid_result``, never a label.
     """
     taskdir = Path(taskdir).resolve()
     running = set() if running is None else running
     parameters = dict(parameters)
     extra_path = parameters.pop(WORKER_PYTHONPATH, None) or []
     extra_path = [extra_path] if isinstance(extra_path, str) else list(extra_path)
+    try:
+        extra_path = expand_env(extra_path, f"labelling.parameters.{WORKER_PYTHONPATH}")
+    except MissingEnvVar as err:
+        return Outcome("error", None, f"OracleError: {err}", "", 0.0)
     shutil.rmtree(taskdir, ignore_errors=True)
     taskdir.mkdir(parents=True)
     bare = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
@@ -184,13 +257,15 @@ def run_calculation(
              "pbc": bare.pbc.tolist(),
              "magmoms": bare.get_initial_magnetic_moments().tolist() if bare.has("initial_magmoms") else None}
     task = {"atoms": frame, "oracle": oracle, "parameters": parameters, "kpoint_density": kpoint_density,
-            "properties": list(properties), "gamma_only": gamma_only, "threads": threads}
-    (taskdir / "task.json").write_text(json.dumps(task, default=str))
+            "properties": list(properties), "gamma_only": gamma_only, "threads": threads, "build_only": build_only}
+    atomic_write_json(taskdir / "task.json", task, mode=0o600)  # may hold a literal secret: owner only
     t0 = time.monotonic()
     with open(taskdir / "worker.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "alflow.label_worker", str(taskdir), "--parent", str(os.getpid())], cwd=taskdir,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_worker_env(threads, extra_path), start_new_session=True)
+        from alflow.process import start
+
+        proc = start([*WORKER_COMMAND, str(taskdir), "--parent", str(os.getpid())], cwd=taskdir,
+                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_worker_env(threads, extra_path),
+                     subreaper=True, memory_limit_bytes=None if memory_limit_gb is None else int(memory_limit_gb * 1e9))
         with _RUNNING_LOCK:
             running.add(proc.pid)
         try:
@@ -207,18 +282,59 @@ def run_calculation(
         finally:
             with _RUNNING_LOCK:
                 running.discard(proc.pid)
-        _killpg(proc.pid)  # stray children of the code (e.g. cp2k_shell)
+        try:  # stray children of the code left in its group (the worker killed its other descendants itself)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     elapsed = time.monotonic() - t0
+    _forget_secrets(taskdir, task)
     if timed_out:
-        return Outcome("timeout", None, f"wall-clock limit {timeout_s:g} s exceeded; process group killed",
+        return Outcome("timeout", None, f"wall-clock limit {timeout_s:g} s exceeded; the worker and every process "
+                       "it started were killed",
                        _log_tail(taskdir), elapsed)
     if (taskdir / "result.json").is_file() and code == 0:
-        return Outcome("labelled", json.loads((taskdir / "result.json").read_text()), "", "", elapsed)
+        from alflow.label_worker import InvalidResult, validate_result
+
+        result = json.loads((taskdir / "result.json").read_text())
+        if build_only:
+            return Outcome("labelled", result, "", "", elapsed)
+        try:
+            result = validate_result(result, len(atoms), forces_expected="forces" in properties)
+        except InvalidResult as err:
+            return Outcome("invalid_result", None, f"InvalidResult: {err}", _log_tail(taskdir), elapsed)
+        return Outcome("labelled", result, "", "", elapsed)
     if (taskdir / "error.json").is_file():
         err = json.loads((taskdir / "error.json").read_text())
         return Outcome(err["status"], None, err["error"], _log_tail(taskdir), elapsed)
     how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
     return Outcome("crash", None, f"worker {how} without a result", _log_tail(taskdir), elapsed)
+
+
+def _forget_secrets(taskdir: Path, task: dict[str, Any]) -> None:
+    """Once the worker is gone: a kept task directory holds no secret of the parameters.
+
+    ``task.json`` gets the redacted parameters (``alflow.secrets.redact``; ``${VAR}`` references stay,
+    so the task can be rerun by hand), and the worker's log, its error record and the code's log have
+    the secret values (literal ones, and the values of referenced env vars) replaced by "<redacted>".
+    """
+    from alflow.oracles import LOG_FILES
+
+    parameters = task["parameters"]
+    if redact(parameters) != parameters:
+        atomic_write_json(taskdir / "task.json", {**task, "parameters": redact(parameters)})
+    values = secret_values(parameters)
+    if not values:
+        return
+    for name in dict.fromkeys(["worker.log", "error.json", *LOG_FILES.values()]):
+        path = taskdir / name
+        try:
+            if not path.is_file() or path.stat().st_size > SCRUB_MAX_BYTES:
+                continue
+            text = path.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if (clean := scrub(text, values)) != text:
+            atomic_write_text(path, clean)
 
 
 # --------------------------------------------------------------------------------- records
@@ -251,6 +367,62 @@ def oracle_key(oracle: str, parameters: dict[str, Any], kpoint_density: float | 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def settings_key(config: LabellingConfig) -> str:
+    """Short hash of the labelling settings that decide whether a calculation succeeds (module docstring).
+
+    Every ``LabellingConfig`` field except ``NOT_SETTINGS``, plus the code version. Only the hash is
+    stored with a failure, so a secret in ``parameters`` is never needed to compare settings.
+    """
+    fields = {k: v for k, v in config.model_dump().items() if k not in NOT_SETTINGS}
+    blob = json.dumps([fields, code_version(config.oracle)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------- scratch and locking
+def scratch_dir(workdir: str | os.PathLike) -> Path:
+    """A new directory ``WORKDIR/scratch/<pid>-<8 hex>`` that belongs to this call of this process only.
+
+    The one place labelling scratch directories come from: two processes (or two calls) never share
+    one, so neither can delete the other's calculations.
+    """
+    path = Path(workdir) / "scratch" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+LabellingBusy = DatasetBusy  # another process labels into the same dataset or work directory (exit code 1)
+labelling_lock = exclusive_lock  # flock DIR/.labelling.lock of each directory, fail fast naming the holder
+
+
+def probe_oracle(config: LabellingConfig, atoms: Atoms, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Build ``config``'s oracle once for ``atoms`` in a worker, without calculating; OracleError if that fails.
+
+    Runs in a worker like every calculation (same environment, ``worker_pythonpath``), so teachers with
+    clashing dependencies are checked where they run. Waits at most ``min(timeout_s, PROBE_TIMEOUT_S)``.
+    Returns the worker's answer (``calculator``: class name, ``stress_supported``).
+    """
+    scratch = scratch_dir(workdir)
+    params = _attempt_parameters(config, 0)
+    out = run_calculation(atoms, config.oracle, params, scratch / "probe",
+                          kpoint_density=config.kpoint_density, timeout_s=min(config.timeout_s, PROBE_TIMEOUT_S),
+                          threads=config.threads, build_only=True, memory_limit_gb=config.memory_limit_gb)
+    if out.status != "labelled":
+        names = ", ".join(sorted(config.parameters)) or "none"
+        raise OracleError(
+            f"labelling.oracle {config.oracle!r} (parameters: {names}) cannot be built: "
+            f"{scrub(out.error, secret_values(params))}; nothing was calculated (log: "
+            f"{scratch / 'probe' / 'worker.log'}). Fix the oracle or its parameters and rerun.")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out.result or {}
+
+
 def _attempt_parameters(config: LabellingConfig, attempt: int) -> dict[str, Any]:
     if attempt == 0 or not config.fallback_parameters:
         return dict(config.parameters)
@@ -272,8 +444,27 @@ def _labelled_frame(atoms: Atoms, result: dict[str, Any], config: LabellingConfi
     return out
 
 
-def _label_one(atoms: Atoms, h: str, first_attempt: int, config: LabellingConfig, workdir: Path,
-               lock: threading.Lock, keep_scratch: bool, stop: threading.Event,
+def _describe(atoms: Atoms, h: str, index: int | None = None) -> str:
+    """``frame 3 (hash 1a2b3c4d5e6f, walker 1, step 40)``: how messages name a frame."""
+    extra = [f"{k} {atoms.info[k]}" for k in ("walker", "step", "iteration") if k in atoms.info]
+    head = "frame" if index is None else f"frame {index}"
+    return f"{head} (hash {h[:12]}{''.join(', ' + e for e in extra)})"
+
+
+def _failure_record(atoms: Atoms, h: str, status: str, error: str, log_tail: str, attempt: int, final: bool,
+                    config: LabellingConfig, params: dict, key: str, elapsed_s: float, scratch: Path | None) -> dict:
+    return {
+        "frame_hash": h, "status": status, "error": scrub(error, secret_values(params)),
+        "log_tail": scrub(log_tail, secret_values(params)),
+        "attempt": attempt, "final": final, "oracle": config.oracle, "parameters": redact(params), "settings_key": key,
+        "elapsed_s": round(elapsed_s, 3), "scratch": None if scratch is None else str(scratch),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{k: atoms.info[k] for k in ("walker", "step", "iteration") if k in atoms.info},
+    }
+
+
+def _label_one(atoms: Atoms, h: str, first_attempt: int, config: LabellingConfig, workdir: Path, scratch: Path,
+               key: str, lock: threading.Lock, keep_scratch: bool, stop: threading.Event,
                running: set[int]) -> tuple[Atoms | None, int]:
     """All attempts for one frame; returns (labelled frame or None, attempts made). ``stop``: caller interrupted."""
     made = 0
@@ -281,25 +472,23 @@ def _label_one(atoms: Atoms, h: str, first_attempt: int, config: LabellingConfig
         if stop.is_set():
             return None, made
         params = _attempt_parameters(config, attempt)
-        taskdir = workdir / "scratch" / f"{h[:16]}-a{attempt}"
+        taskdir = scratch / f"{h[:16]}-a{attempt}"
         out = run_calculation(atoms, config.oracle, params, taskdir, kpoint_density=config.kpoint_density,
-                              timeout_s=config.timeout_s, threads=config.threads, running=running)
+                              timeout_s=config.timeout_s, threads=config.threads, running=running,
+                              memory_limit_gb=config.memory_limit_gb)
         made += 1
         if stop.is_set():  # killed because the caller was interrupted: not the oracle's failure, no record
             return None, made
         if out.status == "labelled":
             _append_jsonl(workdir / LABELLED, {"frame_hash": h, "attempt": attempt, "elapsed_s": out.elapsed_s,
-                                               "compute_s": out.result.get("elapsed_s"), "oracle": config.oracle}, lock)
+                                               "compute_s": out.result.get("elapsed_s"), "oracle": config.oracle,
+                                               "settings_key": key}, lock)
             if not keep_scratch:
                 shutil.rmtree(taskdir, ignore_errors=True)
             return _labelled_frame(atoms, out.result, config, params, attempt), made
-        _append_jsonl(workdir / FAILURES, {
-            "frame_hash": h, "status": out.status, "error": out.error, "log_tail": out.log_tail,
-            "attempt": attempt, "final": attempt >= config.retries, "oracle": config.oracle, "parameters": params,
-            "elapsed_s": round(out.elapsed_s, 3), "scratch": str(taskdir),
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **{k: atoms.info[k] for k in ("walker", "step", "iteration") if k in atoms.info},
-        }, lock)
+        _append_jsonl(workdir / FAILURES, _failure_record(atoms, h, out.status, out.error, out.log_tail, attempt,
+                                                          attempt >= config.retries, config, params, key,
+                                                          out.elapsed_s, taskdir), lock)
     return None, made
 
 
@@ -314,48 +503,92 @@ def label_frames(
     retry_failed: bool = False,
     keep_scratch: bool = False,
 ) -> LabelResult:
-    """Label ``frames`` with ``config``'s oracle, appending each label to ``dataset`` as it finishes (module docstring)."""
+    """Label ``frames`` with ``config``'s oracle, appending each label to ``dataset`` as it finishes (module docstring).
+
+    Raises ``LabellingBusy`` when another process labels into ``dataset`` or ``workdir``, and
+    ``OracleError`` when the oracle cannot be built (before any calculation).
+    """
     t0 = time.monotonic()
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    unique: dict[str, Atoms] = {}
-    for atoms in frames:
-        unique.setdefault(frame_hash(atoms), atoms)
+    key = settings_key(config)
+    with labelling_lock(ds.path, workdir):
+        return _label_locked(frames, config, ds, workdir, key, t0, progress, max_workers, retry_failed, keep_scratch)
+
+
+def _label_locked(frames: Iterable[Atoms], config: LabellingConfig, ds: Dataset, workdir: Path, key: str, t0: float,
+                  progress: bool, max_workers: int, retry_failed: bool, keep_scratch: bool) -> LabelResult:
+    unique: dict[str, tuple[int, Atoms]] = {}
+    for i, atoms in enumerate(frames):
+        unique.setdefault(frame_hash(atoms), (i, atoms))
     done = ds.hashes
-    records = read_failures(workdir / FAILURES)
+    records = [r for r in read_failures(workdir / FAILURES) if r.get("settings_key") == key]  # these settings only
     final = {r["frame_hash"] for r in records if r.get("final")}
     next_attempt: dict[str, int] = {}
     for r in records:
         next_attempt[r["frame_hash"]] = max(next_attempt.get(r["frame_hash"], 0), int(r["attempt"]) + 1)
-    todo = []
-    for h, atoms in unique.items():
-        if h in done or (h in final and not retry_failed):
+    todo, rejected = [], []
+    n_in_dataset = n_failed_before = 0
+    for h, (i, atoms) in unique.items():
+        if h in done:
+            n_in_dataset += 1
             continue
-        start = 0 if h in final else next_attempt.get(h, 0)
-        todo.append((h, atoms, start))
+        if h in final and not retry_failed:
+            n_failed_before += 1
+            continue
+        try:  # what the dataset would refuse never reaches the oracle
+            validate_structure(atoms, _describe(atoms, h, i), ds.species)
+        except DatasetError as err:
+            rejected.append((h, str(err)))
+            log.warning("not labelled: %s", err)
+            continue
+        todo.append((h, atoms, 0 if h in final else next_attempt.get(h, 0)))
+    if todo:
+        probe_oracle(config, todo[0][1], workdir)
     n_done = n_failed = n_attempts = 0
+    failed: set[str] = set()
+    high_force: list[tuple[str, float]] = []
     lock = threading.Lock()
     bar = None
-    if progress:
+    if progress and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"label [{config.oracle}]", unit="frame", file=sys.stderr, dynamic_ncols=True)
     stop, running = threading.Event(), set()
+    scratch = scratch_dir(workdir)
     pool = ThreadPoolExecutor(max_workers=max(1, int(max_workers)))
     try:
-        pending = {pool.submit(_label_one, atoms, h, start, config, workdir, lock, keep_scratch, stop, running)
-                   for h, atoms, start in todo}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        pending = {pool.submit(_label_one, atoms, h, start, config, workdir, scratch, key, lock, keep_scratch, stop,
+                               running): (h, atoms) for h, atoms, start in todo}
+        waiting = set(pending)
+        while waiting:
+            finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
             for fut in finished:
+                h, atoms = pending[fut]
                 labelled, made = fut.result()
                 n_attempts += made
+                if labelled is not None:
+                    try:
+                        ds.append(labelled)
+                    except DatasetError as err:  # the label itself is unusable: a failure of this frame
+                        _append_jsonl(workdir / FAILURES, _failure_record(
+                            atoms, h, "rejected", f"the dataset refused the label: {err}", "",
+                            int(labelled.info.get("attempt", 0)), True, config,
+                            _attempt_parameters(config, int(labelled.info.get("attempt", 0))), key, 0.0, None), lock)
+                        labelled = None
                 if labelled is None:
                     n_failed += 1
+                    failed.add(h)
                 else:
-                    ds.append(labelled)
                     n_done += 1
+                    fmax = float(np.sqrt((np.asarray(labelled.arrays[REF_FORCES]) ** 2).sum(axis=1).max()))
+                    if fmax > config.max_force_warning:
+                        high_force.append((h, fmax))
+                        log.warning("labelled %s has max |F| = %.1f eV/Å > max_force_warning %g eV/Å (overlapping "
+                                    "atoms?); stored in %s; remove it with `alflow data remove %s --hash %s` if "
+                                    "it is unphysical", _describe(labelled, h, unique[h][0]), fmax,
+                                    config.max_force_warning, ds.path, ds.path, h[:12])
                 if bar is not None:
                     bar.set_postfix(done=n_done, failed=n_failed, remaining=len(todo) - n_done - n_failed)
                     bar.update(1)
@@ -367,9 +600,12 @@ def label_frames(
         pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
-    return LabelResult(n_frames=len(unique), n_labelled=n_done, n_failed=n_failed, n_skipped=len(unique) - len(todo),
-                       n_attempts=n_attempts, elapsed_s=time.monotonic() - t0, workdir=workdir, dataset=ds.path,
-                       failures=workdir / FAILURES)
+        _remove_if_empty(scratch)
+    return LabelResult(n_frames=len(unique), n_labelled=n_done, n_failed=n_failed,
+                       n_skipped=n_in_dataset + n_failed_before, n_attempts=n_attempts,
+                       elapsed_s=time.monotonic() - t0, workdir=workdir, dataset=ds.path, failures=workdir / FAILURES,
+                       n_in_dataset=n_in_dataset, n_failed_before=n_failed_before, rejected=tuple(rejected),
+                       high_force=tuple(high_force), settings_key=key, failed=frozenset(failed))
 
 
 # ------------------------------------------------------------------------------ reference energies
@@ -404,7 +640,7 @@ def reference_energies(
     entry = stored.get(key, {"oracle": oracle_cfg.oracle, "parameters": oracle_cfg.parameters, "box": box,
                              "version": code_version(oracle_cfg.oracle), "energies": {}})
     missing = [e for e in elements if e not in entry["energies"]]
-    work = Path(workdir) if workdir is not None else cache / "reference-work"
+    work = scratch_dir(Path(workdir) if workdir is not None else cache / "reference-work")
     periodic = oracle_cfg.oracle in PERIODIC_REFERENCE
     for symbol in missing:
         atoms = isolated_atom(symbol, box=box, periodic=periodic)
@@ -412,17 +648,19 @@ def reference_energies(
         for attempt in range(oracle_cfg.retries + 1):
             outcome = run_calculation(atoms, oracle_cfg.oracle, _attempt_parameters(oracle_cfg, attempt),
                                       work / f"{key}-{symbol}-a{attempt}", timeout_s=oracle_cfg.timeout_s,
-                                      threads=oracle_cfg.threads, properties=("energy",), gamma_only=True)
+                                      threads=oracle_cfg.threads, properties=("energy",), gamma_only=True,
+                                      memory_limit_gb=oracle_cfg.memory_limit_gb)
             if outcome.status == "labelled":
                 break
+        if outcome is not None and outcome.status == "labelled":
+            shutil.rmtree(work / f"{key}-{symbol}-a{attempt}", ignore_errors=True)
         if outcome is None or outcome.status != "labelled":
             raise RuntimeError(f"reference energy of isolated {symbol} with oracle {oracle_cfg.oracle!r} failed "
                                f"({outcome.status}: {outcome.error})\n{outcome.log_tail}")
         entry["energies"][symbol] = float(outcome.result["energy"])
         stored = json.loads(path.read_text()) if path.is_file() else {}  # merge with concurrent writers
         stored[key] = deep_merge(stored.get(key, entry), entry)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        tmp.write_text(json.dumps(stored, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(stored, indent=1, sort_keys=True, default=str))
+    _remove_if_empty(work)
     return {e: float(entry["energies"][e]) for e in elements}
 

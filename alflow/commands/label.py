@@ -3,8 +3,13 @@
     alflow label selected.extxyz --oracle gpaw --param mode.ecut=400 --kpoint-density 3.5 --dataset data/
 
 Rerunning the same command after a kill continues where it stopped (frames in
-the dataset or finally failed are skipped). Failures go to
-``WORKDIR/failures.jsonl``. ``--config run.yaml`` takes the ``labelling``
+the dataset, or finally failed with the same oracle settings, are skipped and
+counted; ``--retry-failed`` tries the failed ones again). Failures go to
+``WORKDIR/failures.jsonl``. Exit status 0 when every frame given is in the
+dataset afterwards, 1 otherwise (failed now, failed before with the same
+settings, or a structure the dataset refuses), 2 for bad input or an oracle
+that cannot be built; 1 at once, changing nothing, when another process labels
+into the same dataset (its pid is named). ``--config run.yaml`` takes the ``labelling``
 section of a run configuration; command-line options override it.
 Bad input prints one line to stderr and exits 2.
 """
@@ -34,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="wall-clock limit per calculation (s)")
     parser.add_argument("--threads", type=int, default=None, help="OMP threads per calculation")
     parser.add_argument("--retries", type=int, default=None, help="retries of a failed calculation")
+    parser.add_argument("--max-force-warning", type=float, default=None, metavar="EV_PER_A",
+                        help="warn about labels with a force above this (eV/Å; default 50)")
     parser.add_argument("--workers", type=int, default=1, help="calculations at once (default 1)")
     parser.add_argument("--workdir", default=None, help="scratch + failures.jsonl (default DATASET/labelling)")
-    parser.add_argument("--retry-failed", action="store_true", help="try finally-failed frames again")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="try frames again that finally failed with the same oracle settings")
     parser.add_argument("--keep-scratch", action="store_true", help="keep scratch dirs of successful calculations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -75,7 +83,8 @@ def _config(args: argparse.Namespace):
             raise ValueError("--fallback: expected YAML mappings such as '{mixing_beta: 0.1}'")
         base["fallback_parameters"] = fallbacks
     for key, value in (("kpoint_density", args.kpoint_density), ("timeout_s", args.timeout),
-                       ("threads", args.threads), ("retries", args.retries)):
+                       ("threads", args.threads), ("retries", args.retries),
+                       ("max_force_warning", args.max_force_warning)):
         if value is not None:
             base[key] = value
     return LabellingConfig(**base)
@@ -111,8 +120,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"labelling {len(frames)} frame(s) with {cfg.oracle} -> {ds.path} (work: {workdir})", file=sys.stderr)
     res = label_frames(frames, cfg, ds, workdir, progress=not args.no_progress, max_workers=args.workers,
                        retry_failed=args.retry_failed, keep_scratch=args.keep_scratch)
-    print(f"labelled {res.n_labelled}, failed {res.n_failed}, skipped {res.n_skipped} (already done) "
-          f"of {res.n_frames} frame(s) in {res.elapsed_s:.1f} s; dataset has {len(ds)} frame(s)")
+    print(f"labelled {res.n_labelled}, failed {res.n_failed}, already in the dataset {res.n_in_dataset}, "
+          f"skipped {res.n_failed_before + len(res.rejected)} of {res.n_frames} frame(s) in {res.elapsed_s:.1f} s; "
+          f"dataset has {len(ds)} frame(s)")
+    if res.n_failed_before:
+        print(f"skipped {res.n_failed_before}: failed before with the same oracle settings (see {res.failures}); "
+              f"use --retry-failed to try them again, or change the oracle settings")
+    if res.rejected:
+        print(f"skipped {len(res.rejected)}: structure a dataset cannot hold, never sent to the oracle:")
+        for _h, reason in res.rejected:
+            print(f"  {reason}")
     if res.n_failed:
         print(f"failure records: {res.failures}")
-    return 0 if res.n_failed == 0 else 1
+    if res.high_force:
+        print(f"warning: {len(res.high_force)} label(s) with max |F| above {cfg.max_force_warning:g} eV/Å "
+              f"(overlapping atoms?): " + ", ".join(f"{h[:12]} ({f:.1f} eV/Å)" for h, f in res.high_force)
+              + f"; remove with `alflow data remove {ds.path} --hash HASH`", file=sys.stderr)
+    return 0 if res.complete else 1  # 1: some frame given is not in the dataset (failed now, before, or rejected)

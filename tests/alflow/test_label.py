@@ -27,8 +27,18 @@ from alflow.config import LabellingConfig
 from alflow.data import Dataset
 from alflow.io import frame_hash
 from alflow.keys import LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, STATUS, TIMESTAMP
-from alflow.label import FAILURES, label_frames, read_failures, reference_energies, run_calculation
-from alflow.oracles import gamma_centred_points, kpoint_grid
+from alflow.label import (
+    FAILURES,
+    LabellingBusy,
+    label_frames,
+    labelling_lock,
+    read_failures,
+    reference_energies,
+    run_calculation,
+    scratch_dir,
+)
+from alflow.label_worker import InvalidResult, validate_result
+from alflow.oracles import OracleError, gamma_centred_points, kpoint_grid
 
 sys.path.insert(0, str(Path(__file__).parent))
 from oracle_fixtures import harmonic_energy  # noqa: E402
@@ -205,7 +215,7 @@ def test_ctrl_c_stops_calculations_in_flight_without_failure_records(tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     # wait until both workers are really running (task files written AND worker processes alive)
-    while time.monotonic() < deadline and (len(list((work / "scratch").glob("*/task.json"))) < 2 or len(worker_pids(work)) < 3):  # the labelling process + 2 workers
+    while time.monotonic() < deadline and (len(list((work / "scratch").glob("*/*-a0/task.json"))) < 2 or len(worker_pids(work)) < 3):  # the labelling process + 2 workers
         time.sleep(0.05)
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -262,3 +272,149 @@ def test_kpoint_grid_convention():
     assert sum(w for _, w in pts) == pytest.approx(1.0) and len(pts) == 14  # 27 points, k ≡ -k
     assert ((0.0, 0.0, 0.0), pytest.approx(1 / 27)) in [(k, w) for k, w in pts]
     assert len(gamma_centred_points((2, 2, 2))) == 8  # ±1/2 are the same point: no reduction
+
+
+# ------------------------------------------------------------------ hardening (issue 16, items 7-10, 14)
+def label_cmd(src: Path, ds: Path, *extra: str) -> list[str]:
+    return ["label", str(src), "--dataset", str(ds), "--no-progress", *extra]
+
+
+def test_failures_are_keyed_by_oracle_settings_and_skips_are_explained(tmp_path, capsys):
+    """A frame that failed with one setting is retried after the setting changed, and an all-skipped rerun is not 0."""
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, cu_frames(2))
+    ds = tmp_path / "ds"
+    flaky = ["--oracle", "oracle_fixtures:FlakyEMT", "--param", f"worker_pythonpath={HERE}", "--retries", "0"]
+    assert main(label_cmd(src, ds, *flaky, "--param", "mixing_beta=0.7")) == 1  # both fail: SCF "not converged"
+    records = read_failures(ds / "labelling" / FAILURES)
+    assert len(records) == 2 and all(r["final"] and len(r["settings_key"]) == 16 for r in records)
+    capsys.readouterr()
+    # the same settings again: nothing is tried, the command says why, and it does not exit 0
+    assert main(label_cmd(src, ds, *flaky, "--param", "mixing_beta=0.7")) == 1
+    out = capsys.readouterr().out
+    assert "labelled 0" in out and "skipped 2: failed before with the same oracle settings" in out
+    assert "--retry-failed" in out and str(ds / "labelling" / FAILURES) in out
+    assert len(read_failures(ds / "labelling" / FAILURES)) == 2  # no new attempt
+    # the fixed setting: the frames are tried again and labelled
+    assert main(label_cmd(src, ds, *flaky, "--param", "mixing_beta=0.1")) == 0
+    assert "labelled 2, failed 0" in capsys.readouterr().out
+    assert len(Dataset(ds)) == 2
+
+
+def test_an_oracle_that_cannot_be_built_fails_before_any_calculation(tmp_path, capsys):
+    frames = cu_frames(3)
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, frames)
+    ds, work = tmp_path / "ds", tmp_path / "ds" / "labelling"
+    rc = main(label_cmd(src, ds, "--oracle", "oracle_fixtures:NoSuchCalculator", "--param", f"worker_pythonpath={HERE}"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "oracle_fixtures:NoSuchCalculator" in err and "NoSuchCalculator" in err
+    assert "Traceback" not in err.splitlines()[0]
+    rc = main(label_cmd(src, ds, "--oracle", "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}",
+                        "--param", "delai=0.1"))  # a misspelt parameter
+    err = capsys.readouterr().err
+    assert rc == 2 and "delai" in err and "cannot be built" in err
+    assert not (work / FAILURES).exists() and not (work / "labelled.jsonl").exists()
+    assert not [p for p in (work / "scratch").rglob("*-a0")]  # no calculation was started
+    with pytest.raises(OracleError, match="NoSuchCalculator"):
+        label_frames(frames, fixture_cfg("NoSuchCalculator"), ds, work, progress=False)
+    # fixed: everything is labelled at once (nothing was recorded as failed)
+    rc = main(label_cmd(src, ds, "--oracle", "oracle_fixtures:SleepyHarmonic", "--param", f"worker_pythonpath={HERE}"))
+    assert rc == 0 and len(Dataset(ds)) == 3
+
+
+def test_a_second_labelling_process_on_the_same_dataset_fails_fast_naming_the_first(tmp_path):
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, cu_frames(2))
+    ds_dir = tmp_path / "ds"
+    work = ds_dir / "labelling"
+    cmd = [sys.executable, "-m", "alflow.cli", *label_cmd(src, ds_dir, "--oracle", "oracle_fixtures:SleepyHarmonic",
+                                                          "--param", f"worker_pythonpath={HERE}", "--param", "delay=3")]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((work / "scratch").rglob("*-a0/task.json")):
+        time.sleep(0.05)
+    assert list((work / "scratch").rglob("*-a0")), "the first process never started a calculation"
+    t0 = time.monotonic()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and time.monotonic() - t0 < 30
+    assert f"pid {first.pid}" in second.stderr and "another process" in second.stderr
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert len(Dataset(ds_dir)) == 2 and not (work / FAILURES).exists()
+    done = (work / "labelled.jsonl").read_text().splitlines()
+    assert len(done) == 2  # each frame calculated once, no "crash" records from deleted task directories
+    assert not list((work / "scratch").iterdir())  # neither process left a scratch directory
+
+
+def test_scratch_directories_are_per_call_and_per_process(tmp_path):
+    a, b = scratch_dir(tmp_path), scratch_dir(tmp_path)
+    assert a != b and a.parent == b.parent == tmp_path / "scratch" and a.name.startswith(f"{os.getpid()}-")
+    with labelling_lock(tmp_path / "ds"):
+        with pytest.raises(LabellingBusy, match=f"pid {os.getpid()}"):
+            with labelling_lock(tmp_path / "ds"):
+                pass
+    with labelling_lock(tmp_path / "ds"):  # released
+        pass
+
+
+def test_wrong_shape_results_are_failures_and_labelling_carries_on(tmp_path, capsys):
+    frames = cu_frames(3)
+    frames[1].numbers[0] = 13  # Al: BadShapeOnAl returns forces of shape (4, 2)
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, frames)
+    ds = tmp_path / "ds"
+    args = label_cmd(src, ds, "--oracle", "oracle_fixtures:BadShapeOnAl", "--param", f"worker_pythonpath={HERE}",
+                     "--retries", "0")
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "labelled 2, failed 1" in out
+    (rec,) = read_failures(ds / "labelling" / FAILURES)
+    assert rec["status"] == "invalid_result" and "(4, 2)" in rec["error"] and "expected (4, 3)" in rec["error"]
+    assert rec["frame_hash"] == frame_hash(frames[1]) and rec["final"]
+    assert not (ds / "labelling" / "labelled.jsonl").read_text().count(frame_hash(frames[1]))  # never logged as done
+    assert len(Dataset(ds)) == 2
+    assert main(args) == 1 and "skipped 1: failed before" in capsys.readouterr().out  # a rerun does not crash
+    for what in ("energy", "stress"):
+        out = run_calculation(frames[1], "oracle_fixtures:BadShapeOnAl", {"worker_pythonpath": HERE, "what": what},
+                              tmp_path / what)
+        assert out.status == "invalid_result" and what in out.error and out.result is None
+
+
+def test_result_validator():
+    good = {"energy": np.float64(-1.5), "forces": np.zeros((2, 3)), "stress": np.arange(9.0).reshape(3, 3)}
+    out = validate_result(good, 2)
+    assert out["energy"] == -1.5 and out["stress"] == [0.0, 4.0, 8.0, 5.0, 2.0, 1.0]  # Voigt xx yy zz yz xz xy
+    assert validate_result({**good, "stress": None}, 2)["stress"] is None
+    assert validate_result({"energy": 1.0, "forces": None, "stress": None}, 2, forces_expected=False)["forces"] is None
+    for bad, match in (({"energy": [1.0, 2.0]}, "energy of shape"), ({"energy": float("nan")}, "non-finite energy"),
+                       ({"forces": np.zeros((3, 3))}, r"forces of shape \(3, 3\); expected \(2, 3\)"),
+                       ({"forces": np.full((2, 3), np.inf)}, "non-finite forces"), ({"forces": None}, "no forces"),
+                       ({"stress": np.zeros(5)}, "stress of shape"), ({"energy": "x"}, "not numeric")):
+        with pytest.raises(InvalidResult, match=match):
+            validate_result({**good, **bad}, 2)
+
+
+def test_absurd_forces_are_reported_and_impossible_structures_never_reach_the_oracle(tmp_path, caplog, capsys):
+    close = bulk("Cu", "fcc", a=3.61, cubic=True)
+    close.positions[1] = close.positions[0] + [1.0, 0.0, 0.0]  # EMT: max |F| ~ 230 eV/Å
+    coincident = bulk("Cu", "fcc", a=3.61, cubic=True)
+    coincident.positions[1] = coincident.positions[0] + [0.02, 0.0, 0.0]
+    flat = bulk("Cu", "fcc", a=3.61, cubic=True)
+    flat.cell[2] = flat.cell[0]  # zero volume
+    ok = cu_frames(1)[0]
+    with caplog.at_level("WARNING", logger="alflow.label"):
+        res = label_frames([ok, close, coincident, flat], LabellingConfig(oracle="emt"), tmp_path / "ds",
+                           tmp_path / "w", progress=False)
+    assert (res.n_labelled, res.n_attempts, len(res.rejected)) == (2, 2, 2) and not res.complete
+    reasons = dict(res.rejected)
+    assert "frame 2" in reasons[frame_hash(coincident)] and "0.02 Å apart" in reasons[frame_hash(coincident)]
+    assert "frame 3" in reasons[frame_hash(flat)] and "flat or zero-volume cell" in reasons[frame_hash(flat)]
+    ((h, fmax),) = res.high_force
+    assert h == frame_hash(close) and fmax > 100
+    assert any(frame_hash(close)[:12] in r.getMessage() and "max |F|" in r.getMessage() for r in caplog.records)
+    src = tmp_path / "f.extxyz"
+    ase.io.write(src, [close])
+    assert main(label_cmd(src, tmp_path / "ds2", "--oracle", "emt", "--max-force-warning", "100")) == 0
+    err = capsys.readouterr().err
+    assert "1 label(s) with max |F| above 100 eV/Å" in err and frame_hash(close)[:12] in err
