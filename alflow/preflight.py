@@ -12,6 +12,9 @@ instead of after the initial set is labelled:
   (architecture, hyperparameters, cutoff) and covers the run's species;
 - ``system.structures``: files that exist and parse; ``system.initial_dataset``: a file that
   exists, parses and holds frames the dataset accepts (``alflow.io.validate_frame``);
+- ``system``: at least 2 frames for the first training (initial dataset plus rattled frames);
+- ``exploration``: the walkers' start structures can be prepared (vacancy, surface, strain);
+  i-PI is installed for ``engine: ipi``;
 - ``labelling``: the oracle can run here (module installed, executable on PATH:
   ``alflow.oracles.missing_requirement``); no NaN/inf in its parameters;
 - ``execution.device``: usable here (``alflow.devices.resolve_device``).
@@ -64,20 +67,56 @@ def _structures(config: RunConfig, problems: list[str]) -> list[Any]:
         return []
 
 
-def _initial_dataset(config: RunConfig, problems: list[str]) -> set[int]:
+def _exploration(config: RunConfig, structures: list[Any], problems: list[str]) -> None:
+    """The walkers' start structures can be prepared; i-PI is installed when a walker runs there."""
+    import shutil
+    import sys
+
+    if structures:
+        from alflow.explore.runner import walker_starts
+
+        try:
+            with warnings.catch_warnings():  # spglib/pymatgen deprecation notes: not the user's concern here
+                warnings.simplefilter("ignore")
+                starts = walker_starts(config, structures)
+        except Exception as err:  # noqa: BLE001 - a start (vacancy, surface, strain) this structure cannot take
+            problems.append(f"exploration.walkers: cannot prepare the start structures ({type(err).__name__}: {err})")
+            starts = []
+        walkers = config.exploration.walkers
+        for walker, atoms, _seed, name in starts:
+            if len(atoms) == 0:
+                index = next(k for k, w in enumerate(walkers) if w is walker)
+                problems.append(f"exploration.walkers.{index}.start: {walker.start!r} leaves no atoms in walker "
+                                f"{name}; use a larger cell (system.supercell)")
+    if config.exploration.engine == "ipi" and runs_here(config):
+        if shutil.which("i-pi") is None and not (Path(sys.executable).parent / "i-pi").is_file():
+            problems.append("exploration.engine: 'ipi' needs i-PI's `i-pi` command (pip install ipi), not found here")
+
+
+def _enough_data(config: RunConfig, n_dataset: int, problems: list[str]) -> None:
+    """Training needs 2 frames: the initial dataset plus the rattled frames must be able to give them."""
+    rattle = config.system.initial_rattle
+    n = n_dataset + (rattle.n_frames if rattle is not None else 0)
+    if n < 2:
+        problems.append(f"system: the initial dataset can have at most {n} frame(s) ({n_dataset} in initial_dataset, "
+                        f"{rattle.n_frames if rattle is not None else 0} from initial_rattle); training needs at "
+                        "least 2: set system.initial_dataset or raise system.initial_rattle.n_frames")
+
+
+def _initial_dataset(config: RunConfig, problems: list[str]) -> tuple[set[int], int]:
     from alflow.io import read_frames, validate_frame
 
     path = config.system.initial_dataset
     if path is None:
-        return set()
+        return set(), 0
     if not Path(path).exists():
         problems.append(f"system.initial_dataset: {path}: no such file")
-        return set()
+        return set(), 2  # reported as missing; not also as too small
     try:
         frames = read_frames(path)
     except Exception as err:  # noqa: BLE001
         problems.append(f"system.initial_dataset: {path}: cannot read ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
-        return set()
+        return set(), 2
     if not frames:
         problems.append(f"system.initial_dataset: {path}: no frames")
     for i, atoms in enumerate(frames):  # the checks the dataset makes on import, before anything is spent
@@ -85,8 +124,8 @@ def _initial_dataset(config: RunConfig, problems: list[str]) -> set[int]:
             validate_frame(atoms, f"system.initial_dataset: {path}, frame {i}")
         except ValueError as err:
             problems.append(str(err))
-            break
-    return {int(z) for a in frames for z in a.numbers}
+            return set(), 2
+    return {int(z) for a in frames for z in a.numbers}, len(frames)
 
 
 def _potential(config: RunConfig, species: list[int], problems: list[str]) -> None:
@@ -179,8 +218,11 @@ def problems(config: RunConfig) -> list[str]:
     elif (parent := next((p for p in run_dir.parents if p.exists()), None)) is not None and not parent.is_dir():
         found.append(f"run_dir: {parent} (a parent of {run_dir}) is not a directory")
     structures = _structures(config, found)
-    species = {int(z) for s in structures for z in s.numbers} | _initial_dataset(config, found)
+    dataset_species, n_dataset = _initial_dataset(config, found)
+    _enough_data(config, n_dataset, found)
+    species = {int(z) for s in structures for z in s.numbers} | dataset_species
     _potential(config, sorted(species), found)
+    _exploration(config, structures, found)
     _labelling(config, found)
     _device(config, found)
     return found

@@ -144,6 +144,11 @@ def _bad_configs(files: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
         ("negative-seed", config_text(run / "i") + "seed: -1\n", ["seed"]),
         ("negative-walker-seed", config_text(run / "j").replace("stride: 5}", "stride: 5, seed: -3}"), ["seed"]),
         ("run-dir-is-a-file", config_text(files["a_file"]), ["run_dir", "not a directory"]),
+        ("one-initial-frame", config_text(run / "l").replace("n_frames: 2", "n_frames: 1"),
+         ["system", "at least 2", "initial_rattle.n_frames"]),
+        ("vacancy-in-a-one-atom-cell", config_text(
+            run / "m", system="  build: {element: Cu}\n  initial_rattle: {n_frames: 2}\n").replace(
+            "stride: 5}", "stride: 5, start: vacancy}"), ["exploration.walkers.0.start", "no atoms"]),
         ("oracle-not-installed", config_text(run / "k") + "labelling: {oracle: no_such_pkg.calc:Calc}\n",
          ["labelling.oracle", "no_such_pkg"]),
     ]
@@ -151,7 +156,8 @@ def _bad_configs(files: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
 
 BAD_IDS = ["unknown-hparam", "hparam-bad-value", "hparam-nan", "missing-structure", "missing-initial-dataset",
            "unlabelled-initial-dataset", "missing-checkpoint", "checkpoint-mismatch", "negative-seed",
-           "negative-walker-seed", "run-dir-is-a-file", "oracle-not-installed"]
+           "negative-walker-seed", "run-dir-is-a-file", "one-initial-frame", "vacancy-in-a-one-atom-cell",
+           "oracle-not-installed"]
 
 
 @pytest.mark.parametrize("case", BAD_IDS)
