@@ -112,7 +112,8 @@ class ForceCall:
         pos = torch.where(atom_ok[:, None], pos, torch.zeros_like(pos))
         edges, shifts = self.nl(pos, state.cells, state.pbc, state.batch)
         i, j = edges[0], edges[1]
-        d = torch.linalg.norm(edge_vectors(pos, state.cells, i, j, shifts, state.batch), dim=-1)
+        d = torch.linalg.norm(pos.index_select(0, j) - pos.index_select(0, i) + self._shift_vectors(edges, shifts, state),
+                              dim=-1)
         if self.nl.skin > 0:
             keep = d <= self.cutoff
             edges, shifts, d, i = edges[:, keep], shifts[keep], d[keep], i[keep]
@@ -129,6 +130,16 @@ class ForceCall:
             keys.BATCH: state.batch,
             keys.N_ATOMS: state.n_atoms,
         }
+
+    def _shift_vectors(self, edges: torch.Tensor, shifts: torch.Tensor, state: MDState) -> torch.Tensor:
+        """S @ cell per pair (E, 3), Å; cached while the pair list and the cells stay the same (NVT: until a rebuild)."""
+        cache = getattr(self, "_shift_cache", None)
+        if cache is not None and cache[0] is edges and cache[1].shape == state.cells.shape \
+                and bool(torch.equal(cache[1], state.cells)):
+            return cache[2]
+        vectors = edge_vectors(torch.zeros_like(state.positions), state.cells, edges[0], edges[1], shifts, state.batch)
+        self._shift_cache = (edges, state.cells.clone(), vectors)
+        return vectors
 
     def __call__(self, state: MDState) -> MDState:
         batch = self.batch(state)
@@ -341,12 +352,13 @@ def run_batched(
         """Host look: write due frames, retire stopped/finished walkers (``only``: just these batch slots)."""
         nonlocal state, mon, present
         assert state is not None and mon is not None
-        due = [k for k, w in enumerate(walkers) if (only is None or k in only)]
+        slots = [k for k in range(len(walkers)) if only is None or k in only]
+        if not any(walkers[k].step % walkers[k].spec.stride == 0 or walkers[k].step >= walkers[k].spec.steps
+                   for k in slots):
+            return  # no frame due: nothing is read from the device (stops wait for the next frame step)
         code = mon.code.cpu().numpy()
-        due = [k for k in due if code[k] != RUNNING or walkers[k].step % walkers[k].spec.stride == 0
+        due = [k for k in slots if code[k] != RUNNING or walkers[k].step % walkers[k].spec.stride == 0
                or walkers[k].step >= walkers[k].spec.steps]
-        if not due:
-            return
         host = _host_copy(state)
         stop_step, worst = mon.stop_step.cpu().numpy(), mon.worst.cpu().numpy()
         leaving = []
