@@ -274,15 +274,29 @@ def _backend(positions: Any, backend: str | None) -> str:
     return name
 
 
+def _unit(v: Any) -> Any:
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=1e-300)
+
+
 def _complete_cells(cells: Any, pbc: Any) -> Any:
     """(B, 3, 3) cells with every non-periodic vector replaced by a unit vector orthogonal to the
     periodic ones and to each other (an orthonormal basis of their complement), so the cell is
-    invertible and fractional coordinates along periodic directions are well defined."""
-    periodic = torch.where(pbc[:, :, None], cells, torch.zeros_like(cells))
-    # eigenvectors of A^T A with eigenvalue 0 span the complement of the periodic vectors; eigh sorts them first
-    _, vectors = torch.linalg.eigh(periodic.transpose(1, 2) @ periodic)
-    rank = torch.cumsum((~pbc).long(), dim=1) - 1  # the r-th non-periodic row takes eigenvector r
-    fill = torch.gather(vectors.transpose(1, 2), 1, rank.clamp(min=0)[:, :, None].expand(-1, -1, 3))
+    invertible and fractional coordinates along periodic directions are well defined.
+
+    Cross products only (no eigensolver): no host sync on CUDA, so the skin check stays sync-free.
+    """
+    n_periodic = pbc.sum(dim=1)
+    # two periodic vectors: the non-periodic row k gets the unit normal of the other two rows
+    normals = torch.stack([_unit(torch.linalg.cross(cells[:, (k + 1) % 3], cells[:, (k + 2) % 3])) for k in range(3)], dim=1)
+    # one periodic vector a: u = a x (the axis least aligned with a), v = a x u, to the non-periodic rows in order
+    a = (cells * pbc[:, :, None]).sum(dim=1)
+    axis = (torch.arange(3, device=cells.device) == a.abs().argmin(dim=1, keepdim=True)).to(cells.dtype)
+    u = _unit(torch.linalg.cross(a, axis))
+    v = _unit(torch.linalg.cross(a, u))
+    rank = torch.cumsum((~pbc).long(), dim=1) - 1  # 0 for the first non-periodic row, 1 for the second
+    line = torch.where((rank == 0)[:, :, None], u[:, None, :], v[:, None, :])
+    eye = torch.eye(3, dtype=cells.dtype, device=cells.device).expand_as(cells)
+    fill = torch.where((n_periodic == 2)[:, None, None], normals, torch.where((n_periodic == 1)[:, None, None], line, eye))
     return torch.where(pbc[:, :, None], cells, fill)
 
 
@@ -321,7 +335,7 @@ def _search_torch(positions: Any, cells: Any, pbc: Any, batch: Any, cutoff: floa
         return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=device)
     reach = cutoff * _MARGIN
     full = _complete_cells(cells, pbc)
-    inverse = torch.linalg.inv(full)
+    inverse = torch.linalg.inv_ex(full).inverse
     heights = 1.0 / torch.linalg.norm(inverse, dim=1)  # (B, 3): distance between lattice planes, Å
     atom_pbc = pbc[batch]
     frac = torch.einsum("nx,nxa->na", positions, inverse[batch])
@@ -702,7 +716,7 @@ class SkinNeighborList:
         deformation = state["inverse0"] @ full  # F = cell0^-1 cell, (B, 3, 3)
         eye = torch.eye(3, dtype=torch.float64, device=full.device)
         shrink = 1.0 - torch.linalg.norm((deformation - eye).reshape(-1, 9), dim=1)  # <= smallest singular value of F
-        mapped = torch.einsum("nx,nxy->ny", positions.detach().to(torch.float64), (torch.linalg.inv(full) @ state["full0"])[batch])
+        mapped = torch.einsum("nx,nxy->ny", positions.detach().to(torch.float64), (torch.linalg.inv_ex(full).inverse @ state["full0"])[batch])
         moved = ((mapped - old) ** 2).sum(dim=1)
         worst = torch.zeros(cells.shape[0], dtype=torch.float64, device=full.device)
         worst = worst.scatter_reduce(0, batch, moved, "amax").sqrt()
@@ -750,7 +764,7 @@ class SkinNeighborList:
             "pbc": pbc.clone(),
             "batch": batch.clone(),
             "full0": full0,
-            "inverse0": torch.linalg.inv(full0),
+            "inverse0": torch.linalg.inv_ex(full0).inverse,
             "edge_index": torch.stack([i, j]).to(device=positions.device, dtype=torch.int64),
             "shifts": S.to(device=positions.device, dtype=positions.dtype),
         }

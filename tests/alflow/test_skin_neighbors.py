@@ -199,3 +199,25 @@ def test_cuda_trajectory_matches_ase(dtype):
         got = within_cutoff(edge_index.cpu(), shifts.cpu(), positions.double().cpu(), cells.cpu(), batch.cpu(), CUTOFF)
         assert got == ase_pairs(rounded, CUTOFF)
     assert nl.rebuilds < 20
+
+
+@pytest.mark.gpu
+def test_cuda_check_without_rebuild_syncs_once():
+    """A call that keeps the list reads back one boolean: exactly one host sync (torch's sync debug mode)."""
+    import warnings
+
+    positions, cells, pbc, batch = (x.cuda() for x in as_tensors(structures(), torch.float32))
+    nl = SkinNeighborList(CUTOFF, skin=0.5)
+    nl(positions, cells, pbc, batch)
+    moved = positions + 0.01
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            nl(moved, cells, pbc, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert nl.rebuilds == 1
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
