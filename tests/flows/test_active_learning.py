@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -53,8 +54,12 @@ def test_flow_runs_two_iterations_publishes_artifacts_and_replays(tmp_path, writ
 
 
 def test_a_failing_stage_fails_the_flow_and_is_not_recorded(tmp_path, write_config):
-    # one rattled frame: the initial stage cannot give the 2 frames training needs (StageError after retries)
-    path = write_config(tmp_path, name="one-frame", system={"initial_rattle": {"n_frames": 1}})
+    # an oracle that fails every frame: the initial stage cannot give the 2 frames training needs (StageError after
+    # retries). (One rattled frame no longer gets that far: alflow.preflight refuses it before the flow starts.)
+    fixtures = str(Path(__file__).resolve().parents[1] / "alflow")
+    failing = {"oracle": "oracle_fixtures:FlakyEMT", "retries": 0,
+               "parameters": {"worker_pythonpath": fixtures, "mixing_beta": 0.7}}
+    path = write_config(tmp_path, name="failing-oracle", system={"initial_rattle": {"n_frames": 2}}, labelling=failing)
     with pytest.raises(RuntimeError, match="at least 2"):
         run_flow(path)
     state = read_state(tmp_path / "run")
