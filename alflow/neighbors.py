@@ -716,8 +716,14 @@ class SkinNeighborList:
         deformation = state["inverse0"] @ full  # F = cell0^-1 cell, (B, 3, 3)
         eye = torch.eye(3, dtype=torch.float64, device=full.device)
         shrink = 1.0 - torch.linalg.norm((deformation - eye).reshape(-1, 9), dim=1)  # <= smallest singular value of F
-        mapped = torch.einsum("nx,nxy->ny", positions.detach().to(torch.float64), (torch.linalg.inv_ex(full).inverse @ state["full0"])[batch])
-        moved = ((mapped - old) ** 2).sum(dim=1)
+        # positions now mapped into the build cell's frame, r' = r cell⁻¹ cell0, coordinate by coordinate
+        # (per-atom (3, 3) gathers and bmm are several times slower on the CPU)
+        to_build = (torch.linalg.inv_ex(full).inverse @ state["full0"]).reshape(-1, 9).index_select(0, batch)
+        now = positions.detach().to(torch.float64)
+        moved = torch.zeros(now.shape[0], dtype=torch.float64, device=now.device)
+        for y in range(3):
+            delta = now[:, 0] * to_build[:, y] + now[:, 1] * to_build[:, 3 + y] + now[:, 2] * to_build[:, 6 + y] - old[:, y]
+            moved.addcmul_(delta, delta)
         worst = torch.zeros(cells.shape[0], dtype=torch.float64, device=full.device)
         worst = worst.scatter_reduce(0, batch, moved, "amax").sqrt()
         reach = (self.cutoff + self.skin - 2.0 * worst) * shrink
