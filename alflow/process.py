@@ -13,6 +13,9 @@ run``, i-PI and its driver, label workers) goes through :func:`start`:
 - optionally a record in a pidfile (JSON list; pid, its start time, the parent's
   pid and start time): :func:`reap` at the next start kills what a dead parent
   left behind where the parent-death signal is not available or came too late;
+- a child started by someone else's code (Prefect's temporary server) gets a
+  :func:`guard`: a tiny watchdog process, itself dying with this process, that
+  kills the child when this process dies;
 - optionally ``RLIMIT_AS`` (``memory_limit_bytes``) and
   ``PR_SET_CHILD_SUBREAPER`` (``subreaper=True``): every orphaned descendant of
   the child, even one that started its own session, is re-parented to the child
@@ -38,7 +41,7 @@ from typing import Any
 
 __all__ = [
     "start", "stop", "kill_tree", "descendants", "reap", "forget", "set_subreaper", "set_death_signal",
-    "process_start_time", "alive", "sigterm_exits",
+    "process_start_time", "alive", "sigterm_exits", "guard", "record",
 ]
 
 PR_SET_PDEATHSIG = 1
@@ -270,6 +273,11 @@ def _write(pidfile: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, pidfile)
 
 
+def record(pidfile: str | os.PathLike, pid: int, command: Sequence[str] | str = ()) -> None:
+    """Record child ``pid`` of this process in ``pidfile`` for :func:`reap` (a child started by other code)."""
+    _record(Path(pidfile), pid, [command] if isinstance(command, str) else command)
+
+
 def _record(pidfile: Path, pid: int, args: Sequence[str]) -> None:
     me = os.getpid()
     record = {"pid": pid, "start": process_start_time(pid), "parent": me, "parent_start": process_start_time(me),
@@ -324,3 +332,44 @@ def sigterm_exits(code: int = 143) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------- guard
+
+
+def guard(pid: int, *, interval: float = 0.5) -> subprocess.Popen:
+    """Start a watchdog that kills ``pid`` (and its tree) as soon as this process dies, by any signal.
+
+    For a child that other code started without a parent-death signal. The
+    watchdog gets SIGTERM from the kernel when this process (the starting
+    thread) dies, and also polls: parent gone, or ``pid`` replaced (start time),
+    ends it. Stop the watchdog with :func:`stop` once the child is stopped.
+    """
+    started = process_start_time(pid)
+    args = [sys.executable, "-m", "alflow.process", "guard", str(pid), str(started or 0), str(os.getpid()), str(interval)]
+    proc = start(args, death_signal=signal.SIGTERM, stdin=subprocess.DEVNULL)
+    return proc
+
+
+def _guard_main(pid: int, started: int, parent: int, interval: float) -> int:
+    """The watchdog of :func:`guard` (``python -m alflow.process guard PID START PARENT INTERVAL``)."""
+
+    def fire(*_: Any) -> None:
+        if alive(pid, started or None):
+            kill_tree(pid)
+        os._exit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, fire)
+    while alive(pid, started or None):
+        if os.getppid() != parent:
+            fire()
+        time.sleep(interval)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "guard":
+        sys.exit(_guard_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+    print("usage: python -m alflow.process guard PID START_TIME PARENT INTERVAL", file=sys.stderr)
+    sys.exit(2)

@@ -3,11 +3,13 @@
     alflow run examples/cu_emt/config.yaml          # runs, or resumes where it stopped
     alflow run config.yaml --no-prefect             # the same loop in this process, without Prefect
 
-No Prefect server is needed: without ``PREFECT_API_URL`` Prefect starts a
-temporary local server for the run (ephemeral mode) whose database lives in
+No Prefect server is needed: without ``PREFECT_API_URL`` a temporary local
+server is started for the run (Prefect's ephemeral mode, ``flows.server``: it
+dies with the run, even on SIGKILL) whose database lives in
 ``PREFECT_HOME``: ``execution.prefect_home`` when set, else ``$PREFECT_HOME``
 when set, else ``<run_dir>/.prefect`` (set before Prefect is imported). With
-``PREFECT_API_URL`` set, the flow run is reported to that server. Whether a stage
+``PREFECT_API_URL`` set, the flow run is reported to that server, which must
+answer a health check within ``--prefect-timeout`` seconds. Whether a stage
 must run is read from ``<run_dir>/state.json``, so a rerun after a crash or a
 kill continues; a run that already stopped prints its summary and rewrites the
 report. Exit status: 0 done, 1 a stage failed (rerun to resume), 2 bad input.
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefect", action="store_true",
                         help="run the loop in this process without Prefect (same run directory and resume)")
     parser.add_argument("--progress", action="store_true", help="progress bars (with --no-prefect)")
+    parser.add_argument("--prefect-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="seconds the Prefect API at PREFECT_API_URL has to answer a health check before the "
+                             "run stops with a message (default 30)")
 
 
 def prefect_environment(config: Any) -> dict[str, str]:
@@ -77,10 +82,20 @@ def _run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         summary = run_loop(config, force=args.force, progress=args.progress, say=print)
     else:
-        prefect_environment(config)
-        from flows.active_learning import run_flow
+        if not args.prefect_timeout > 0:
+            from alflow.errors import InputError
 
-        summary = run_flow(config_path, force=args.force)
+            raise InputError(f"--prefect-timeout: expected seconds > 0, got {args.prefect_timeout}")
+        prefect_environment(config)
+        from alflow.process import sigterm_exits
+        from flows.server import prefect_api
+
+        # SIGTERM unwinds like Ctrl-C (the temporary server is stopped, the run lock released); a SIGKILL is
+        # covered by the server's watchdog and, failing that, by the next run's reaper (flows.server)
+        with sigterm_exits(), prefect_api(config.run_dir, timeout=args.prefect_timeout):
+            from flows.active_learning import run_flow
+
+            summary = run_flow(config_path, force=args.force)
     _print_summary(summary)
     report = write_report(config.run_dir)
     print(f"report: {report} and {report.with_suffix('.md')}")
