@@ -22,6 +22,17 @@ OVERRIDES = {
 }
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed, a budget)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trajectories", nargs="+", help="scored extxyz trajectories, one per walker")
     parser.add_argument("--out", required=True, help="extxyz file for the selected frames")
@@ -31,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", default=None, help="JSON file for the summary")
     parser.add_argument("--strategy", choices=("committee", "random"), default=None)
     parser.add_argument("--diversity", choices=("fps", "none"), default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
-    parser.add_argument("--budget", type=int, default=None, help="frames to select (default max_per_iteration)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random strategy (>= 0)")
+    parser.add_argument("--budget", type=non_negative_int, default=None,
+                        help="frames to select (>= 0; default max_per_iteration)")
     for name, typ in OVERRIDES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
 

@@ -87,6 +87,7 @@ MISTAKES = [
     ("ipi-driver-missing-model", ["ipi-driver", "--model", "{root}/gone.pt", "--structure", "{labelled}", "--unix", "x",
                                   "--timeout", "1"], ["gone.pt"], ()),
     ("select-out-missing-dir", ["select", "{traj}", "--out", "{root}/no_such_dir/selected.extxyz"], ["no_such_dir", "--out"], ()),
+    ("select-negative-seed", ["select", "{traj}", "--out", "{root}/sel.extxyz", "--seed", "-1"], ["--seed", ">= 0"], ()),
     ("select-missing-trajectory", ["select", "{root}/walker-9.extxyz", "--out", "{root}/sel.extxyz"], ["walker-9.extxyz"], ()),
     ("schema-full-disk", ["schema", "-o", "/dev/full"], ["/dev/full", "No space left"],
      (pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full"),)),
@@ -107,7 +108,10 @@ def test_an_ordinary_mistake_is_one_message_and_exit_2(files: dict[str, Path], c
                                                        argv: list[str], words: list[str]) -> None:
     corrupt_run_dir(files["root"])
     args = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors exit 2 with a usage line
+        code = exit_.code
     err = capfd.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err and "AssertionError" not in err, err
