@@ -14,10 +14,12 @@ import pytest
 import torch
 from ase import units
 from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.io import read
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from alflow import keys
 from alflow.explore.ase_md import WalkerSpec, run_walkers
@@ -133,16 +135,34 @@ def test_thermostat_mean_temperature_and_fluctuation(ensemble):
     assert measured_std == pytest.approx(expected_std, rel=0.15), (measured_std, expected_std)
 
 
+class MorseCalculator(Calculator):
+    """The torch :class:`Morse` as an ASE calculator, so that ASE's integrators see the very same forces."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, model: Morse) -> None:
+        super().__init__()
+        self.model = model
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        out = self.model(atoms_to_batch(self.atoms, self.model.cutoff, dtype=torch.float64), stress=True)
+        energy = float(out[keys.ENERGY][0])
+        self.results = {"energy": energy, "free_energy": energy, "forces": out[keys.FORCES].numpy(),
+                        "stress": full_3x3_to_voigt_6_stress(out[keys.STRESS][0].numpy())}
+
+
 @pytest.mark.slow
 def test_npt_mean_volume_matches_ase_mtk():
-    """EMT Cu 32 atoms at 600 K, 0 GPa: the batched stochastic cell rescaling and ASE's isotropic MTK
-    give the same mean volume within error bars."""
+    """Morse Cu, 32 atoms, 600 K, 0 GPa: the batched stochastic cell rescaling and ASE's isotropic MTK
+    (same forces and stress) give the same mean volume within error bars."""
     from ase.md.nose_hoover_chain import IsotropicMTKNPT
 
-    steps, burn, dt, temp = 3000, 500, 4.0, 600.0
+    steps, burn, dt, temp = 2500, 500, 4.0, 600.0
+    model = Morse(cutoff=4.0)
     atoms = cu(2)
     thermalize_momenta(atoms, temperature_K=temp, rng=np.random.default_rng(1))
-    atoms.calc = EMT()
+    atoms.calc = MorseCalculator(model)
     dyn = IsotropicMTKNPT(atoms, timestep=dt * units.fs, temperature_K=temp, pressure_au=0.0, tdamp=100 * units.fs,
                           pdamp=500 * units.fs)
     ase_volumes = []
@@ -152,14 +172,13 @@ def test_npt_mean_volume_matches_ase_mtk():
     setups = [WalkerSetup(atoms=cu(2), ensemble="npt-iso", temperature=temp, pressure=0.0, timestep=dt, steps=steps,
                           seed=s, friction=0.01, pdamp_steps=125) for s in range(3)]
     series = []
-    run_states(setups, CalculatorProvider(EMT, cutoff=3.0), steps, stress=True,
-               record=lambda st: series.append(torch.linalg.det(st.cells).numpy().copy()))
+    run_states(setups, model, steps, stress=True, record=lambda st: series.append(torch.linalg.det(st.cells).numpy().copy()))
     ours = np.array(series)[burn:]
     theirs = np.array(ase_volumes)[burn:]
     error = np.hypot(_block_error(ours.mean(1)), _block_error(theirs))
     print(f"NPT volume: batched {ours.mean():.2f} ± {_block_error(ours.mean(1)):.2f}, ASE MTK {theirs.mean():.2f} "
-          f"± {_block_error(theirs):.2f} Å³")
-    assert abs(ours.mean() - theirs.mean()) < 4 * error + 1e-3 * theirs.mean()
+          f"± {_block_error(theirs):.2f} Å³ (start {cu(2).get_volume():.2f})")
+    assert abs(ours.mean() - theirs.mean()) < 4 * error + 2e-3 * theirs.mean()
 
 
 def test_npt_aniso_moves_cell_lengths_independently():
