@@ -44,6 +44,11 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` (a full disk is reported on the write, which names no file)."""
+    return type(err)(err.errno, err.strerror or str(err), str(path))
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, binary: bool = False, *, mode: int = DEFAULT_MODE,
                 fsync: bool = True) -> Iterator[IO[Any]]:
@@ -54,7 +59,10 @@ def atomic_open(path: str | os.PathLike, binary: bool = False, *, mode: int = DE
     """
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             yield handle
@@ -62,9 +70,11 @@ def atomic_open(path: str | os.PathLike, binary: bool = False, *, mode: int = DE
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise _naming(err, path) from err
         raise
     if fsync:
         fsync_dir(path.parent)

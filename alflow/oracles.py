@@ -45,6 +45,7 @@ import importlib
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, ground_state_magnetic_moments
 from alflow.errors import InputError
+from alflow.secrets import MissingEnvVar, expand_env
 
 DEFAULT_KPOINT_DENSITY = 3.5  # points per Å⁻¹ (ASE's default kptdensity)
 ESPRESSO_PSEUDO_DIR = "/usr/share/espresso/pseudo"
@@ -174,6 +176,7 @@ def _espresso(p: dict, atoms: Atoms, density: float | None, directory: Path, gam
     p = dict(p)
     pseudo_dir = p.pop("pseudo_dir", os.environ.get("ESPRESSO_PSEUDO", ESPRESSO_PSEUDO_DIR))
     command = p.pop("command", "pw.x")
+    command = shell_free_command(command, "labelling.parameters.command").removeprefix("exec ")  # ASE splits it
     pseudos = p.pop("pseudopotentials", None) or _pseudopotentials(set(atoms.get_chemical_symbols()), pseudo_dir)
     user = deep_merge(p.pop("input_data", {}) or {}, {k: p.pop(k) for k in list(p)
                                                    if k in ("control", "system", "electrons", "ions", "cell")})
@@ -253,6 +256,7 @@ def _cp2k(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_o
     if np.any(moments):
         defaults.update(uks=True, multiplicity=int(round(abs(moments.sum()))) + 1)
     params = {**defaults, **p, "inp": inp}
+    params["command"] = shell_free_command(params["command"], "labelling.parameters.command")  # ASE uses a shell
     return CP2K(label=str(directory / "cp2k"), **params), _is_3d(atoms)
 
 
@@ -287,6 +291,8 @@ def _vasp(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_o
         defaults.update(kpts=_grid(atoms, density, gamma_only), gamma=True)
     if np.any(atoms.get_initial_magnetic_moments()):
         defaults["ispin"] = 2
+    if p.get("command") is not None:  # ASE runs it with shell=True
+        p = {**p, "command": shell_free_command(p["command"], "labelling.parameters.command")}
     return Vasp(directory=str(directory), **{**defaults, **p}), _is_3d(atoms)
 
 
@@ -357,13 +363,46 @@ def missing_requirement(oracle: str, parameters: dict[str, Any] | None = None) -
     command = command or spec.executable
     if command:
         try:
-            program = shlex.split(command)[0] if isinstance(command, str) else str(list(command)[0])
-        except (ValueError, IndexError):
+            program = command_argv(command)[0]
+        except OracleError:
             return f"oracle {spec.name!r}: cannot read the command {command!r}"
         if shutil.which(program) is None:
             return (f"oracle {spec.name!r}: executable {program!r} not found on PATH"
                     f"{'' if parameters.get('command') else ' (set parameters.command to its path)'}")
     return None
+
+
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def command_argv(command: str | list[str] | tuple[str, ...], where: str = "parameters.command") -> list[str]:
+    """The argument vector of an external command: a list as is, a string split like a shell would
+    (``shlex.split``: quotes, no variables, no globbing), leading ``NAME=value`` assignments removed."""
+    try:
+        argv = [str(a) for a in command] if isinstance(command, (list, tuple)) else shlex.split(str(command))
+    except ValueError as err:
+        raise OracleError(f"{where}: cannot split the command {command!r} ({err})") from None
+    while argv and _ASSIGNMENT.match(argv[0]):
+        argv = argv[1:]
+    if not argv:
+        raise OracleError(f"{where}: expected a command (a program and its arguments), got {command!r}")
+    return argv
+
+
+def shell_free_command(command: str | list[str] | tuple[str, ...], where: str = "parameters.command") -> str:
+    """``command`` for a calculator that hands its command to ``/bin/sh -c`` (ASE's CP2K and VASP):
+    every word quoted, so the shell only executes the program (``exec``) and interprets nothing --
+    no ``;``, ``|``, ``$(...)``, redirections or globs. ``NAME=value`` words in front become ``env NAME=value``."""
+    argv = [str(a) for a in command] if isinstance(command, (list, tuple)) else None
+    if argv is None:
+        try:
+            argv = shlex.split(str(command))
+        except ValueError as err:
+            raise OracleError(f"{where}: cannot split the command {command!r} ({err})") from None
+    command_argv(argv, where)  # not empty
+    if _ASSIGNMENT.match(argv[0]):
+        argv = ["env", *argv]
+    return "exec " + shlex.join(argv)
 
 
 def import_class(path: str) -> type:
@@ -374,7 +413,9 @@ def import_class(path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise OracleError(f"oracle {path!r}: cannot import module {module_name!r} ({err})") from err
+        raise OracleError(f"oracle {path!r}: cannot import module {module_name!r} ({err}); label workers import "
+                          "only installed modules and the directories in parameters.worker_pythonpath or "
+                          "$PYTHONPATH, never the working directory") from err
     try:
         return getattr(module, cls_name)
     except AttributeError:
@@ -393,6 +434,10 @@ def build_calculator(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = oracle.lower()
+    try:  # ${ENV_VAR} references (secrets) are expanded only here, in the process that runs the code
+        parameters = expand_env(parameters, "labelling.parameters")
+    except MissingEnvVar as err:
+        raise OracleError(str(err)) from None
     if name in ORACLES:
         if ORACLES[name].executable and (problem := missing_requirement(name, parameters)):
             raise OracleError(problem)  # not a bare AssertionError from a shell that could not start the code

@@ -97,12 +97,14 @@ def metrics_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @flow(name="active-learning")
-def active_learning(config_path: str, force: bool = False) -> dict[str, Any]:
-    """Run or resume the active-learning loop of ``config_path``; returns the final summary (small dict)."""
+def active_learning(config_path: str, force: bool = False, config_sha256: str | None = None) -> dict[str, Any]:
+    """Run or resume the active-learning loop of ``config_path``; returns the final summary (small dict).
+
+    ``config_sha256``: the digest the config file must have (a pinned deployment, ``flows.deploy``)."""
     from alflow.report import write_report
 
     logger = get_run_logger()
-    config = load_config(config_path)
+    config = load_config(config_path, sha256=config_sha256)
     # a thread cannot be interrupted: Prefect would only warn, then fail a finished stage; no limits there
     timeouts = stage_timeouts(config) if config.execution.task_runner != "thread" else {}
     run_dir = str(config.run_dir)
@@ -134,9 +136,11 @@ def active_learning(config_path: str, force: bool = False) -> dict[str, Any]:
     return {**summary, "report": str(report)}
 
 
-def run_flow(config_path: str | Path, force: bool = False) -> dict[str, Any]:
-    """Run ``active_learning`` with the task runner the config asks for; returns the summary."""
+def run_flow(config_path: str | Path, force: bool = False, config_sha256: str | None = None) -> dict[str, Any]:
+    """Run ``active_learning`` with the task runner the config asks for; returns the summary.
+
+    ``config_sha256``: the digest the config file must have (checked on every read of it)."""
     path = Path(config_path).resolve()
-    config = load_config(path)
+    config = load_config(path, sha256=config_sha256)
     flow_ = active_learning.with_options(task_runner=task_runner(config.execution), flow_run_name=config.name)
-    return flow_(str(path), force)
+    return flow_(str(path), force, config_sha256)

@@ -23,6 +23,8 @@ default (``vectorize="auto"``): it measured faster there (see Committee).
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import warnings
 from collections.abc import Sequence
@@ -370,15 +372,28 @@ class Committee(nn.Module):
         }
 
     @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any]) -> Committee:
-        """Rebuild a committee from :meth:`checkpoint`'s payload (metadata already parsed)."""
+    def from_checkpoint(cls, payload: dict[str, Any], where: str = "checkpoint") -> Committee:
+        """Rebuild a committee from :meth:`checkpoint`'s payload (metadata already parsed).
+
+        The member count is bounded (``registry.MAX_MEMBERS``) and each member's metadata is checked
+        against its stored weights before it is built (``registry.model_from_checkpoint``);
+        ``CheckpointError`` names ``where`` and the member.
+        """
         meta, state = payload["metadata"], payload["state_dict"]
+        members_meta = meta.get("members")
+        if not isinstance(members_meta, list) or not 1 <= len(members_meta) <= registry.MAX_MEMBERS:
+            raise registry.CheckpointError(f"{where}: metadata.members must be a list of 1 to "
+                                           f"{registry.MAX_MEMBERS} member descriptions")
+        alpha = meta.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise registry.CheckpointError(f"{where}: metadata.alpha = {alpha!r}; expected a finite number")
         members = []
-        for k, member_meta in enumerate(meta["members"]):
+        for k, member_meta in enumerate(members_meta):
             prefix = f"members.{k}."
             sub = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
-            members.append(registry.model_from_checkpoint({"metadata": member_meta, "state_dict": sub}))
-        committee = cls(members, alpha=float(meta.get("alpha", 1.0)))
+            members.append(registry.model_from_checkpoint({"metadata": member_meta, "state_dict": sub},
+                                                          f"{where}: members[{k}]"))
+        committee = cls(members, alpha=float(alpha))
         if "alpha" in state:
             committee.alpha.copy_(state["alpha"])
         return committee

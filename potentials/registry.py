@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
-import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alflow import __version__
 from potentials.base import Potential
@@ -86,18 +88,12 @@ def metadata(model: Potential) -> dict[str, Any]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same directory, then an atomic rename."""
+    from alflow.fileio import atomic_open
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, binary=True) as handle:  # the user's umask, as every file alflow writes
+        torch.save(obj, handle)
     return path
 
 
@@ -123,16 +119,215 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: not a readable alflow checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an alflow checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    payload["metadata"] = json.loads(payload["metadata"])
+    try:
+        payload["metadata"] = json.loads(payload["metadata"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: metadata is not a JSON string ({exc})") from None
+    if not isinstance(payload["metadata"], dict) or not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: expected a metadata mapping and a state_dict")
     return payload
 
 
-def model_from_checkpoint(payload: dict[str, Any]) -> Potential:
-    """Rebuild one potential from its metadata and state dict."""
-    meta = payload["metadata"]
-    model = build(meta["architecture"], species=meta["species"], cutoff=meta["cutoff"], **meta["hparams"])
-    model.to(getattr(torch, meta["dtype"]))
-    model.load_state_dict(payload["state_dict"])
+# ------------------------------------------------------------------ bounds on what a checkpoint may ask for
+MAX_HPARAM_INT = 65_536  # any integer hyperparameter (widths, layers, basis sizes)
+MAX_HPARAM_FLOAT = 1e6  # |float hyperparameter|
+MAX_HPARAM_ITEMS = 256  # entries of a list/dict hyperparameter
+MAX_HPARAM_TEXT = 1_000  # characters of a string hyperparameter
+MAX_HPARAM_DEPTH = 4  # nesting of lists/dicts
+MAX_CHECKPOINT_CUTOFF = 100.0  # Å
+MAX_MEMBERS = 256  # committee members
+BUILD_TENSOR_MIN = 4_000_000  # elements one tensor made while building may have, at least (4x the largest stored)
+BUILD_TOTAL = 1_000_000_000  # elements all tensors made while building may have together (+ 64x the stored ones)
+META_MARGIN = 2_500_000  # elements a meta-device build may make beyond 8x the stored ones (measured: 3x; e3nn: 1e6 at once)
+REGISTERED_MARGIN = 100_000  # parameter/buffer elements a model may register beyond 1.1x the stored ones
+DTYPES = ("float32", "float64")
+
+
+def _check_value(value: Any, where: str, depth: int = 0) -> None:
+    """A hyperparameter value is plain data of bounded size (``CheckpointError`` naming ``where``)."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_HPARAM_INT:
+            raise CheckpointError(f"{where} = {value}: expected an integer of at most {MAX_HPARAM_INT}")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_HPARAM_FLOAT:
+            raise CheckpointError(f"{where} = {value!r}: expected a finite number of at most {MAX_HPARAM_FLOAT:g}")
+    elif isinstance(value, str):
+        if len(value) > MAX_HPARAM_TEXT:
+            raise CheckpointError(f"{where}: a string of {len(value)} characters; expected at most {MAX_HPARAM_TEXT}")
+    elif isinstance(value, (list, tuple, dict)):
+        if depth >= MAX_HPARAM_DEPTH or len(value) > MAX_HPARAM_ITEMS:
+            raise CheckpointError(f"{where}: {len(value)} entries at nesting depth {depth + 1}; expected at most "
+                                  f"{MAX_HPARAM_ITEMS} entries and depth {MAX_HPARAM_DEPTH}")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_value(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]", depth + 1)
+    else:
+        raise CheckpointError(f"{where}: a {type(value).__name__}; expected numbers, strings, lists or mappings")
+
+
+def check_metadata(meta: Any, where: str = "checkpoint") -> None:
+    """Bound a potential's checkpoint metadata before anything is built from it.
+
+    Raises ``CheckpointError`` naming the field: unknown architecture or hyperparameter, species
+    that are not 1..118 distinct elements, a cutoff outside (0, ``MAX_CHECKPOINT_CUTOFF``] Å, a
+    dtype other than float32/float64, hyperparameter values beyond the ``MAX_HPARAM_*`` bounds.
+    """
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: metadata must be a mapping, got {type(meta).__name__}")
+    arch = meta.get("architecture")
+    if not isinstance(arch, str) or arch.lower() not in ARCHITECTURES:
+        raise CheckpointError(f"{where}: metadata.architecture = {arch!r}; expected one of {', '.join(available())}")
+    species = meta.get("species")
+    if not isinstance(species, list) or not 1 <= len(species) <= 118:
+        raise CheckpointError(f"{where}: metadata.species must be a list of 1 to 118 elements")
+    for z in species:
+        if isinstance(z, bool) or not (isinstance(z, int) and 1 <= z <= 118 or isinstance(z, str) and len(z) <= 3):
+            raise CheckpointError(f"{where}: metadata.species contains {z!r}; expected atomic numbers 1..118")
+    cutoff = meta.get("cutoff")
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 < cutoff <= MAX_CHECKPOINT_CUTOFF:
+        raise CheckpointError(f"{where}: metadata.cutoff = {cutoff!r}; expected a number in (0, "
+                              f"{MAX_CHECKPOINT_CUTOFF:g}] Å")
+    if meta.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{where}: metadata.dtype = {meta.get('dtype')!r}; expected one of {', '.join(DTYPES)}")
+    hparams = meta.get("hparams", {})
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{where}: metadata.hparams must be a mapping")
+    allowed = get_class(arch).hparam_names()
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise CheckpointError(f"{where}: metadata.hparams has unknown hyperparameter(s) {', '.join(map(str, unknown))} "
+                              f"for {arch!r}; allowed: {', '.join(allowed) or '(none)'}")
+    for name, value in hparams.items():
+        _check_value(value, f"{where}: metadata.hparams.{name}")
+
+
+def _requested_elements(func: Any, args: tuple, kwargs: dict) -> int:
+    """Elements a factory op (one with a ``size`` argument, or ``arange``) is about to allocate; 0 for others."""
+    try:
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.name == "size":
+                size = args[i] if i < len(args) else kwargs.get("size")
+                return math.prod(int(n) for n in size) if isinstance(size, (list, tuple, torch.Size)) else int(size or 0)
+        if func._schema.name == "aten::arange":
+            nums = [float(a) for a in args if isinstance(a, (int, float))]
+            start, end, step = (0.0, nums[0], 1.0) if len(nums) == 1 else (nums + [1.0])[:3]
+            return max(0, math.ceil((end - start) / step)) if step else 0
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return 0
+
+
+class _AllocationGuard(TorchDispatchMode):
+    """While a model is built from checkpoint metadata: refuses (``CheckpointError``) a tensor larger than
+    ``one`` elements, or more than ``total`` in all, before it is allocated, and more than ``registered``
+    elements of parameters and buffers registered by modules (this thread only): a model larger than the
+    stored weights stops at once, on the meta device as on the CPU."""
+
+    def __init__(self, one: int, total: int, where: str, registered: int | None = None) -> None:
+        super().__init__()
+        self.one, self.total, self.used, self.where = one, total, 0, where
+        self.registered, self.seen, self.thread, self.hooks = registered, 0, threading.get_ident(), []
+
+    def _on_register(self, module: Any, name: str, tensor: Any) -> None:
+        if tensor is None or self.registered is None or threading.get_ident() != self.thread:
+            return
+        self.seen += tensor.numel()
+        if self.seen > self.registered:
+            raise CheckpointError(
+                f"{self.where}: the model its metadata describes has more than {self.seen:,} weights, the file "
+                f"holds {self.registered:,} at most (module {type(module).__name__}, {name!r}): the metadata "
+                "does not describe the stored weights")
+
+    def __enter__(self) -> _AllocationGuard:
+        from torch.nn.modules import module as nn_module
+
+        self.hooks = [nn_module.register_module_parameter_registration_hook(self._on_register),
+                      nn_module.register_module_buffer_registration_hook(self._on_register)]
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._remove_hooks()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._remove_hooks()
+        return super().__exit__(*exc)
+
+    def _remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        want = _requested_elements(func, args, kwargs)
+        if want > self.one or self.used + want > self.total:
+            raise CheckpointError(
+                f"{self.where}: building the model from its metadata would allocate a tensor of {want:,} elements "
+                f"({self.used:,} so far; limits {self.one:,} per tensor, {self.total:,} in all, from the size of the "
+                "stored weights): the metadata does not describe the stored weights")
+        out = func(*args, **kwargs)
+        self.used += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                         if isinstance(t, torch.Tensor))
+        return out
+
+
+def _compare_state(expected: dict[str, torch.Tensor], stored: dict[str, Any], where: str) -> None:
+    """Names and shapes of ``expected`` (the model's state dict) and ``stored`` agree, else ``CheckpointError``."""
+    missing = [k for k in expected if k not in stored]
+    extra = [k for k in stored if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{where}: the stored weights do not match the metadata's model (missing: "
+                              f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(extra[:5]) or 'none'})")
+    for key, tensor in expected.items():
+        got = stored[key]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(tensor.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"{where}: weight {key!r} has shape {shape}; the metadata's model needs "
+                                  f"{tuple(tensor.shape)}")
+
+
+def model_from_checkpoint(payload: dict[str, Any], where: str = "checkpoint") -> Potential:
+    """Rebuild one potential from its metadata and state dict, bounding what the metadata may ask for.
+
+    ``check_metadata`` first; then the model is built on the meta device (no memory; stopped once it
+    makes 8x more elements than the file holds) and its weight names and shapes are compared with
+    the stored ones, so a real build allocates what the file holds.
+    An architecture that cannot be built on the meta device is built under an allocation guard
+    (tensors at most 4x the largest stored one, 64x all stored ones in all, plus fixed margins).
+    ``where`` names the file (and member) in messages.
+    """
+    meta, state = payload["metadata"], payload["state_dict"]
+    check_metadata(meta, where)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{where}: state_dict must map names to tensors")
+    args = dict(species=meta["species"], cutoff=float(meta["cutoff"]), **meta.get("hparams", {}))
+    sizes = [t.numel() for t in state.values()] or [0]
+    one = max(BUILD_TENSOR_MIN, 4 * max(sizes))
+    weights = int(1.1 * sum(sizes)) + REGISTERED_MARGIN  # measured: stored + 119..720 (non-persistent buffers)
+    try:  # meta tensors cost no memory; the guard stops a model larger than the file early (time)
+        with torch.device("meta"), _AllocationGuard(one, 8 * sum(sizes) + META_MARGIN, where, weights):
+            shadow = build(meta["architecture"], **args)
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. e3nn computes constants while building: use the guard below
+        shadow = None
+    try:
+        if shadow is not None:
+            _compare_state(shadow.state_dict(), state, where)
+            model = build(meta["architecture"], **args)
+        else:
+            with _AllocationGuard(one, BUILD_TOTAL + 64 * sum(sizes), where, weights):
+                model = build(meta["architecture"], **args)
+        model.to(getattr(torch, meta["dtype"]))
+        model.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: cannot rebuild the {meta['architecture']!r} model from its metadata "
+                              f"({type(exc).__name__}: {str(exc)[:500]})") from exc
     return model
 
 
@@ -144,11 +339,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> t
     payload = read_checkpoint(path, device="cpu")
     kind = payload.get("kind", "potential")
     if kind == "potential":
-        model = model_from_checkpoint(payload)
+        model = model_from_checkpoint(payload, str(path))
     elif kind == "committee":
         from potentials.committee import Committee
 
-        model = Committee.from_checkpoint(payload)
+        model = Committee.from_checkpoint(payload, where=str(path))
     else:
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     return model.to(device).eval()

@@ -13,7 +13,9 @@ whose parameter is the config's absolute path and whose source is this checkout 
 nothing copied): workers must run in this Python environment and see the checkout and the
 run directory. The flow runs ``active_learning`` with the config's task runner, resuming from
 the run directory like ``alflow run``. ``--serve`` registers the same deployment and runs its
-flow runs in this process until Ctrl-C (``flow.serve``). Both need ``PREFECT_API_URL`` pointing
+flow runs in this process until Ctrl-C (``flow.serve``). ``--pin-config`` stores the config's
+sha256 with the deployment: flow runs then refuse another config path or changed content (a
+config is code; see docs/security.md, also for ``$ALFLOW_CONFIG_DIR``). Both need ``PREFECT_API_URL`` pointing
 at a running server. ``execution.prefect_home``, when set, is used as ``PREFECT_HOME`` here.
 Exit status: 0 registered (or served until interrupted), 1 Prefect refused, 2 bad config or no server.
 """
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true",
                         help="no work pool: register the deployment and run its flow runs in this process until Ctrl-C")
     parser.add_argument("--run", action="store_true", help="also start one flow run now and print its id")
+    parser.add_argument("--pin-config", action="store_true",
+                        help="store the config's sha256 with the deployment: its flow runs refuse another config "
+                             "path or a changed config (a config is code: docs/security.md)")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--cron", help="schedule: a cron string, e.g. '0 * * * *' (a run that stopped does nothing)")
     schedule.add_argument("--interval", type=float, metavar="SECONDS", help="schedule: a run every SECONDS")
@@ -72,10 +77,10 @@ def _deploy(args: argparse.Namespace) -> int:
     if args.serve:
         if args.work_queue or args.pool:
             print("alflow deploy: --serve uses no work pool; --pool/--work-queue ignored", file=sys.stderr)
-        serve(config_path, name=args.name, run=args.run, on_ready=say, **schedule)
+        serve(config_path, name=args.name, run=args.run, on_ready=say, pin_config=args.pin_config, **schedule)
         return 0
     say(deploy(config_path, pool=args.pool or "alflow", name=args.name, work_queue=args.work_queue, run=args.run,
-               say=print, **schedule))
+               say=print, pin_config=args.pin_config, **schedule))
     return 0
 
 
