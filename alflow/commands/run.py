@@ -21,7 +21,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from alflow.results import RunSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +54,8 @@ def prefect_environment(config: Any) -> dict[str, str]:
     return {"PREFECT_HOME": str(home), **{k: os.environ[k] for k in defaults}}
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: RunSummary | dict[str, Any]) -> None:
+    """One line on the run (``alflow.results.RunSummary``), the final model, the run directory."""
     print(f"run {summary['name']}: {summary['status']} after {summary['iterations']} iteration(s); "
           f"{summary['labels']} oracle label(s), dataset of {summary['dataset_size']} frames")
     if summary.get("final_model"):
