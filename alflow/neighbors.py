@@ -667,13 +667,15 @@ class SkinNeighborList:
     (fractional coordinates now × cell0 − positions then), a pair outside the list has
     |D| ≥ (1 − ‖F − I‖) (cutoff + skin − 2δ); the list is kept while that bound is ≥ cutoff for every
     structure, so no pair within ``cutoff`` is ever missing. Without cell change this is the usual
-    "no atom moved more than skin/2". Any change of the atom set (N, ``batch``, number of structures,
-    ``pbc``, dtype) also rebuilds. The check runs on the device; one boolean is read back per call
+    "no atom moved more than skin/2". Only the stale structures are searched again (the others keep
+    their pairs); any change of the atom set (N, ``batch``, number of structures, ``pbc``, dtype)
+    rebuilds everything. The check runs on the device; two booleans are read back together per call
     (a single host sync), plus the search's own syncs on a rebuild.
 
     Positions must not be wrapped into the cell between calls (a wrapped atom jumps a lattice vector,
     which forces a rebuild). ``batch`` must be sorted (structures contiguous), as everywhere in alflow.
-    ``rebuilds`` counts the builds; ``reset()`` forgets the list.
+    ``rebuilds`` counts the calls that rebuilt anything, ``structure_rebuilds`` the structures searched
+    again; ``reset()`` forgets the list. Edges are grouped by rebuild, not sorted.
     """
 
     def __init__(self, cutoff: float, skin: float = 0.5, device: Any = None, backend: str | None = None) -> None:
@@ -689,7 +691,8 @@ class SkinNeighborList:
         self.skin = skin_value
         self.device = torch.device(device) if device is not None else None
         self.backend = backend
-        self.rebuilds = 0
+        self.rebuilds = 0  # calls that rebuilt anything
+        self.structure_rebuilds = 0  # structures searched again, summed over those calls
         self.reset()
 
     def reset(self) -> None:
@@ -698,10 +701,12 @@ class SkinNeighborList:
 
     # -- the check ---------------------------------------------------------------------------------
 
-    def _is_stale(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> bool:
+    def _stale(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> tuple[Any, Any] | None:
+        """None when the atom set changed (full rebuild); else (changed, stale) on the device:
+        changed a 0-d bool (batch or pbc differ), stale (B,) per-structure flags."""
         state = self._state
         if state is None:
-            return True
+            return None
         old = state["positions"]
         if (
             positions.shape != old.shape
@@ -710,7 +715,7 @@ class SkinNeighborList:
             or cells.shape != state["cells"].shape
             or batch.shape != state["batch"].shape
         ):
-            return True
+            return None
         changed = (batch != state["batch"]).any() | (pbc != state["pbc"]).any()
         full = _complete_cells(cells.detach().to(torch.float64), pbc)
         deformation = state["inverse0"] @ full  # F = cell0^-1 cell, (B, 3, 3)
@@ -727,8 +732,7 @@ class SkinNeighborList:
         worst = torch.zeros(cells.shape[0], dtype=torch.float64, device=full.device)
         worst = worst.scatter_reduce(0, batch, moved, "amax").sqrt()
         reach = (self.cutoff + self.skin - 2.0 * worst) * shrink
-        stale = changed | (shrink <= 0).any() | (reach < self.cutoff).any()
-        return bool(stale)  # the one host sync per call
+        return changed, (shrink <= 0) | (reach < self.cutoff)
 
     # -- the call ------------------------------------------------------------------------------------
 
@@ -744,11 +748,26 @@ class SkinNeighborList:
             raise NeighborListError(f"positions: expected shape (N, 3), got {tuple(positions.shape)}")
         if batch.shape != (positions.shape[0],):
             raise NeighborListError(f"batch: expected shape ({positions.shape[0]},) (one index per atom), got {tuple(batch.shape)}")
-        if self._is_stale(positions, cells, pbc, batch):
+        check = self._stale(positions, cells, pbc, batch)
+        if check is None:
             self._build(positions, cells, pbc, batch)
+        else:
+            changed, stale = check
+            changed, any_stale = torch.stack([changed, stale.any()]).tolist()  # the one host sync per call
+            if changed:
+                self._build(positions, cells, pbc, batch)
+            elif any_stale:
+                self._rebuild_some(positions, cells, pbc, batch, stale)
         state = self._state
         assert state is not None
         return state["edge_index"], state["shifts"]
+
+    def _search(self, positions: Any, cells: Any, pbc: Any, counts: Any) -> tuple[Any, Any, Any]:
+        nl = batch_neighbor_list(positions.detach(), cells.detach(), pbc, counts, self.cutoff + self.skin, backend=self.backend)
+        return tuple(  # type: ignore[return-value]
+            (x if _is_torch(x) else torch.from_numpy(np.asarray(x))).to(device=positions.device, dtype=torch.int64)
+            for x in (nl.i, nl.j, nl.S)
+        )
 
     def _build(self, positions: Any, cells: Any, pbc: Any, batch: Any) -> None:
         n_structures = cells.shape[0]
@@ -758,10 +777,7 @@ class SkinNeighborList:
                 f"batch: expected sorted structure indices in [0, {n_structures}) (structures contiguous), "
                 f"got {batch.tolist()[:20]}"
             )
-        nl = batch_neighbor_list(
-            positions.detach(), cells.detach(), pbc, counts, self.cutoff + self.skin, backend=self.backend
-        )
-        i, j, S = (x if _is_torch(x) else torch.from_numpy(np.asarray(x)) for x in (nl.i, nl.j, nl.S))
+        i, j, S = self._search(positions, cells, pbc, counts)
         full0 = _complete_cells(cells.detach().to(torch.float64), pbc)
         self._state = {
             "positions": positions.detach().to(torch.float64).clone(),
@@ -769,9 +785,36 @@ class SkinNeighborList:
             "cells": cells.detach().clone(),
             "pbc": pbc.clone(),
             "batch": batch.clone(),
+            "counts": counts,
             "full0": full0,
             "inverse0": torch.linalg.inv_ex(full0).inverse,
-            "edge_index": torch.stack([i, j]).to(device=positions.device, dtype=torch.int64),
-            "shifts": S.to(device=positions.device, dtype=positions.dtype),
+            "edge_index": torch.stack([i, j]),
+            "shifts": S.to(positions.dtype),
         }
         self.rebuilds += 1
+        self.structure_rebuilds += n_structures
+
+    def _rebuild_some(self, positions: Any, cells: Any, pbc: Any, batch: Any, stale: Any) -> None:
+        """Rebuild the stale structures only; the others keep their pairs (independent walkers rarely
+        go stale on the same step, so a full rebuild would happen nearly every step in a large batch)."""
+        state = self._state
+        assert state is not None
+        structures = torch.nonzero(stale).squeeze(1)
+        atoms = torch.nonzero(stale.index_select(0, batch)).squeeze(1)
+        i, j, S = self._search(
+            positions.index_select(0, atoms), cells.index_select(0, structures), pbc.index_select(0, structures),
+            state["counts"].index_select(0, structures),
+        )
+        edge_index, shifts = state["edge_index"], state["shifts"]
+        keep = torch.nonzero(~stale.index_select(0, batch.index_select(0, edge_index[0]))).squeeze(1)
+        state["edge_index"] = torch.cat(
+            [edge_index.index_select(1, keep), torch.stack([atoms.index_select(0, i), atoms.index_select(0, j)])], dim=1
+        )
+        state["shifts"] = torch.cat([shifts.index_select(0, keep), S.to(shifts.dtype)])
+        state["positions"][atoms] = positions.detach().index_select(0, atoms).to(torch.float64)
+        full = _complete_cells(cells.detach().index_select(0, structures).to(torch.float64), pbc.index_select(0, structures))
+        state["full0"][structures] = full
+        state["inverse0"][structures] = torch.linalg.inv_ex(full).inverse
+        state["cells"][structures] = cells.detach().index_select(0, structures)
+        self.rebuilds += 1
+        self.structure_rebuilds += int(structures.numel())

@@ -126,6 +126,26 @@ def test_many_small_compressions_add_up():
     assert 2 <= nl.rebuilds < 20
 
 
+def test_only_the_stale_walker_is_searched_again():
+    """One walker's atom moves past skin/2: that structure alone is searched again; the others keep their pairs."""
+    frames = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1)) for _ in range(3)]
+    for k, atoms in enumerate(frames):
+        atoms.rattle(0.05, seed=k)
+    positions, cells, pbc, batch = as_tensors(frames, torch.float64)
+    nl = SkinNeighborList(CUTOFF, skin=0.5)
+    before = pair_set(*nl(positions, cells, pbc, batch)[0], nl(positions, cells, pbc, batch)[1].long())
+    assert (nl.rebuilds, nl.structure_rebuilds) == (1, 3)
+    frames[1].positions[3] += [0.3, 0.0, 0.0]
+    moved = torch.tensor(np.concatenate([a.positions for a in frames]))
+    edge_index, shifts = nl(moved, cells, pbc, batch)
+    assert (nl.rebuilds, nl.structure_rebuilds) == (2, 4)
+    after = pair_set(*edge_index, shifts.long())
+    owner = batch.numpy()
+    untouched = {p for p in before if owner[p[0]] != 1}
+    assert untouched == {p for p in after if owner[p[0]] != 1}
+    assert within_cutoff(edge_index, shifts, moved, cells, batch, CUTOFF) == ase_pairs(frames, CUTOFF)
+
+
 def test_walkers_leaving_and_joining_rebuild_and_reset():
     frames = structures()
     nl = SkinNeighborList(CUTOFF, skin=0.5)
