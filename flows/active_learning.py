@@ -34,6 +34,9 @@ from alflow.loop import LoopRun, drive
 from flows.tasks import TASKS, stage_timeouts
 
 
+LOCAL_DASHBOARD = "127.0.0.1:8787"  # a local cluster's dashboard on loopback (Dask's default binds every interface)
+
+
 def task_runner(execution: ExecutionConfig) -> Any:
     """The Prefect task runner for ``execution`` (see module docstring)."""
     if execution.task_runner == "thread":
@@ -51,7 +54,8 @@ def task_runner(execution: ExecutionConfig) -> Any:
                            "`pip install prefect-dask` (or use task_runner: thread)") from err
     if execution.dask_address:
         return DaskTaskRunner(address=execution.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": execution.max_workers, "threads_per_worker": 1})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": execution.max_workers, "threads_per_worker": 1,
+                                          "dashboard_address": LOCAL_DASHBOARD})
 
 
 def worker_resources(execution: ExecutionConfig, stage: str) -> contextlib.AbstractContextManager:

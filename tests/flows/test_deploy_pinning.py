@@ -40,3 +40,20 @@ def test_a_pinned_deployment_runs_only_its_config(tmp_path, write_config, capsys
     monkeypatch.setenv("ALFLOW_CONFIG_DIR", str(tmp_path / "cfg"))
     with pytest.raises(ConfigError, match="ALFLOW_CONFIG_DIR"):  # an unpinned run from another directory
         check_pinned(other)
+
+
+def test_the_local_dask_cluster_listens_on_loopback_only():
+    """The scheduler, workers and dashboard of ``task_runner: dask`` without an address bind 127.0.0.1."""
+    import psutil
+    from distributed import LocalCluster
+
+    from alflow.config import ExecutionConfig
+    from flows.active_learning import task_runner
+
+    runner = task_runner(ExecutionConfig(task_runner="dask", max_workers=1))
+    with LocalCluster(**runner.cluster_kwargs) as cluster:
+        me = psutil.Process()
+        listening = [c.laddr for p in (me, *me.children(recursive=True))
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert cluster.dashboard_link.startswith("http://127.0.0.1:")
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
