@@ -732,7 +732,7 @@ class SkinNeighborList:
         worst = torch.zeros(cells.shape[0], dtype=torch.float64, device=full.device)
         worst = worst.scatter_reduce(0, batch, moved, "amax").sqrt()
         reach = (self.cutoff + self.skin - 2.0 * worst) * shrink
-        return changed, (shrink <= 0) | (reach < self.cutoff)
+        return changed, ~(shrink > 0) | ~(reach >= self.cutoff)  # NaN (an exploded walker) counts as stale
 
     # -- the call ------------------------------------------------------------------------------------
 

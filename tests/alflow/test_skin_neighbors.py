@@ -146,6 +146,17 @@ def test_only_the_stale_walker_is_searched_again():
     assert within_cutoff(edge_index, shifts, moved, cells, batch, CUTOFF) == ase_pairs(frames, CUTOFF)
 
 
+def test_a_nan_position_is_not_silently_kept():
+    """An exploded walker (NaN coordinate) makes the list stale, and the rebuild names the atom."""
+    positions, cells, pbc, batch = as_tensors(structures()[:2], torch.float64)
+    nl = SkinNeighborList(CUTOFF, skin=0.5)
+    nl(positions, cells, pbc, batch)
+    broken = positions.clone()
+    broken[5, 1] = float("nan")
+    with pytest.raises(NeighborListError, match="atom 5"):
+        nl(broken, cells, pbc, batch)
+
+
 def test_walkers_leaving_and_joining_rebuild_and_reset():
     frames = structures()
     nl = SkinNeighborList(CUTOFF, skin=0.5)
