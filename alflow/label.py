@@ -637,7 +637,7 @@ def reference_energies(
     path = cache / "reference_energies.json"
     key = oracle_key(oracle_cfg.oracle, oracle_cfg.parameters, None, {"box": box, "kind": "isolated-atom"})
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    entry = stored.get(key, {"oracle": oracle_cfg.oracle, "parameters": oracle_cfg.parameters, "box": box,
+    entry = stored.get(key, {"oracle": oracle_cfg.oracle, "parameters": redact(oracle_cfg.parameters), "box": box,
                              "version": code_version(oracle_cfg.oracle), "energies": {}})
     missing = [e for e in elements if e not in entry["energies"]]
     work = scratch_dir(Path(workdir) if workdir is not None else cache / "reference-work")
