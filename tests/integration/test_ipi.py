@@ -138,21 +138,24 @@ def test_driver_reports_missing_server(tmp_path, committee_file):
 
 
 def test_walkers_run_concurrently_served_in_batches_by_one_driver(tmp_path, committee_file):
-    """Two i-PI servers at once, one driver: a classical walker with a temperature ramp and friction, and a
-    2-bead ring polymer (two connections). The driver evaluates their requests together."""
+    """Three i-PI servers at once, one driver: a classical walker with a temperature ramp and friction, a
+    2-bead ring polymer (two connections) and an NPT walker with a pressure ramp. The driver evaluates their
+    requests together."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
     ramp = IPIRunSpec(atoms=atoms, ensemble="nvt-langevin", temperature=[300.0, 600.0], friction=0.02, steps=8,
                       stride=4, name="ramp")
     pimd = IPIRunSpec(atoms=atoms, ensemble="pimd", nbeads=2, temperature=100.0, steps=8, stride=4, timestep=0.5,
                       name="pimd")
-    results = run_ipi_walkers([ramp, pimd], committee_file, tmp_path, wall_seconds=240)
-    assert [r.status for r in results] == ["DONE", "DONE"], [r.message for r in results]
-    assert [r.steps for r in results] == [8, 8]
+    npt = IPIRunSpec(atoms=atoms, ensemble="npt-iso", pressure=[0.0, 1.0], steps=8, stride=4, name="npt")
+    results = run_ipi_walkers([ramp, pimd, npt], committee_file, tmp_path, wall_seconds=240)
+    assert [r.status for r in results] == ["DONE"] * 3, [r.message for r in results]
+    assert [r.steps for r in results] == [8, 8, 8]
+    assert "<p_ramp>" in (tmp_path / "npt" / "input.xml").read_text()
     log = (tmp_path / "driver.log").read_text()
-    served = re.search(r"(\d+) evaluations in (\d+) committee calls \(2 server\(s\), 3 connection\(s\)\)", log)
+    served = re.search(r"(\d+) evaluations in (\d+) committee calls \(3 server\(s\), 4 connection\(s\)\)", log)
     assert served, log
     evaluations, calls = int(served[1]), int(served[2])
-    assert evaluations == 9 + 2 * 9  # steps 0..8: one evaluation per step and bead
+    assert evaluations == 9 + 2 * 9 + 9  # steps 0..8: one evaluation per step and bead
     assert calls < evaluations  # requests of different servers and beads shared committee calls
     xml = (tmp_path / "ramp" / "input.xml").read_text()
     assert "<t_ramp>" in xml and "<tau units='femtosecond'>50</tau>" in xml  # friction 0.02/fs: tau = 50 fs
