@@ -70,6 +70,9 @@ class Neighbors(Generic[Array]):
 # ----------------------------------------------------------------------------- validation
 
 
+MAX_CUTOFF = 100.0  # Å
+
+
 def _check_cutoff(cutoff: float) -> float:
     try:
         value = float(cutoff)
@@ -77,10 +80,13 @@ def _check_cutoff(cutoff: float) -> float:
         raise NeighborListError(f"cutoff: expected a positive number in Å, got {cutoff!r}") from None
     if not np.isfinite(value) or value <= 0.0:
         raise NeighborListError(f"cutoff: expected a positive finite number in Å, got {cutoff!r}")
+    if value > MAX_CUTOFF:  # the cell-list search grows as cutoff³ even for a few atoms: 10⁴ Å takes minutes
+        raise NeighborListError(f"cutoff: expected at most {MAX_CUTOFF:g} Å (interatomic cutoffs are a few Å), "
+                                f"got {cutoff!r}")
     return value
 
 
-MAX_PAIRS = 1_000_000_000  # ~60 GB of pair arrays (i, j, S, D, d): beyond any real structure, a mistake
+MAX_PAIRS = 100_000_000  # ~6 GB of pair arrays (i, j, S, D, d), more while they are built: a mistake
 
 
 def _check_pair_count(cutoff: float, cells: np.ndarray, pbc: np.ndarray, counts: Any,
@@ -90,43 +96,40 @@ def _check_pair_count(cutoff: float, cells: np.ndarray, pbc: np.ndarray, counts:
     Expected pairs of a structure of N atoms: N² × (4π/3) rc³ / V when fully
     periodic (uniform density); otherwise N² × Π 2 rc / h_k over periodic
     directions (h_k: cell height) × Π min(1, 2 rc / L_k) over non-periodic ones
-    (L_k: extent of the positions along axis k, when given). Cheap: a few µs.
+    (L_k: extent of the positions along axis k, when given). A few µs.
     """
+    if cells.shape[0] == 1 and pbc[0].all():  # common case, pure Python
+        (ax, ay, az), (bx, by, bz), (cx, cy, cz) = cells[0].tolist()
+        volume = abs(ax * (by * cz - bz * cy) - ay * (bx * cz - bz * cx) + az * (bx * cy - by * cx))
+        n = float(counts[0])
+        if n * n * 4.18879 * cutoff**3 <= MAX_PAIRS * volume:
+            return
     counts = np.asarray(counts, dtype=np.float64).reshape(-1)
-    volumes = np.abs(np.linalg.det(cells)) if cells.shape[0] > 1 else None
-    worst, total, where = 0.0, 0.0, 0
-    start = 0
+    starts = np.concatenate([[0.0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    estimates = np.zeros(cells.shape[0])
     for b in range(cells.shape[0]):
         n = counts[b]
         if pbc[b].all():
-            if volumes is None:
-                (ax, ay, az), (bx, by, bz), (cx, cy, cz) = cells[b].tolist()
-                volume = abs(ax * (by * cz - bz * cy) - ay * (bx * cz - bz * cx) + az * (bx * cy - by * cx))
-            else:
-                volume = float(volumes[b])
-            estimate = n * n * 4.18879 * cutoff**3 / volume
-        else:
-            estimate = n * n
-            if pbc[b].any():
-                vectors = cells[b]
-                volume = abs(float(np.linalg.det(np.where(pbc[b][:, None], vectors, np.eye(3)))))
-                for k in np.flatnonzero(pbc[b]):
-                    area = float(np.linalg.norm(np.cross(vectors[(k + 1) % 3], vectors[(k + 2) % 3])))
-                    estimate *= 2.0 * cutoff * area / max(volume, 1e-300) if area > 0 else 1.0
-            if positions is not None and n > 1:
-                extent = np.ptp(positions[start : start + int(n)], axis=0)
-                for k in np.flatnonzero(~pbc[b]):
-                    estimate *= min(1.0, 2.0 * cutoff / max(float(extent[k]), 1e-300))
-        start += int(n)
-        total += estimate
-        if estimate > worst:
-            worst, where = estimate, b
+            estimates[b] = n * n * 4.18879 * cutoff**3 / abs(float(np.linalg.det(cells[b])))
+            continue
+        estimate = n * n
+        if pbc[b].any():  # heights of the periodic lattice: h_k = 1 / sqrt((G^-1)_kk), G = P P^T
+            periodic = cells[b][pbc[b]]
+            inverse_gram = np.linalg.inv(periodic @ periodic.T)
+            estimate *= float(np.prod(2.0 * cutoff * np.sqrt(np.diag(inverse_gram))))
+        if estimate > MAX_PAIRS and positions is not None and n > 1:  # refine: the atoms' extent
+            extent = np.ptp(positions[starts[b] : starts[b] + int(n)], axis=0)
+            for k in np.flatnonzero(~pbc[b]):
+                estimate *= min(1.0, 2.0 * cutoff / max(float(extent[k]), 1e-300))
+        estimates[b] = estimate
+    total = float(estimates.sum())
     if total > MAX_PAIRS:
+        where = int(np.argmax(estimates))
         label = f"{name}[{where}]" if cells.shape[0] > 1 else name
         raise NeighborListError(
             f"cutoff: {cutoff:g} Å with {label} {np.round(cells[where], 4).tolist()} (pbc={pbc[where].tolist()}, "
             f"{int(counts[where])} atoms) would give about {total:.2g} pairs (more than {MAX_PAIRS:.0e}, "
-            "tens of GB); expected a cutoff of a few Å"
+            "several GB); expected a cutoff of a few Å"
         )
 
 

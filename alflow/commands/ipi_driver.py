@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a held request waits for the other servers' before the batch is evaluated")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server socket")
+    parser.add_argument("--read-timeout", type=float, default=300.0,
+                        help="seconds a connected server may stay silent (i-PI asks every step) before the driver "
+                             "gives up on it and exits 1 (default 300; 0 waits forever)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,11 +48,16 @@ def run(args: argparse.Namespace) -> int:
     if args.patience < 1 or not args.gather >= 0:
         print("alflow ipi-driver: --patience must be >= 1 and --gather >= 0", file=sys.stderr)
         return 2
+    if not 0 <= args.read_timeout < math.inf:
+        print(f"alflow ipi-driver: --read-timeout: expected seconds >= 0 (0 waits forever), got {args.read_timeout}",
+              file=sys.stderr)
+        return 2
     rules = StopRules(upper=args.upper, patience=args.patience, min_distance=args.min_distance)
     try:
         return run_driver(args.model, args.structure, unix=args.unix, host=args.host or "localhost", port=args.port,
                           prefix=args.prefix, device=args.device, timeout=args.timeout,
-                          connections=args.connections or 1, run_dir=args.run_dir, rules=rules, gather_s=args.gather)
+                          connections=args.connections or 1, run_dir=args.run_dir, rules=rules, gather_s=args.gather,
+                          read_timeout=args.read_timeout or None)
     except (FileNotFoundError, TimeoutError, ValueError) as exc:
         print(f"alflow ipi-driver: {exc}", file=sys.stderr)
         return 2

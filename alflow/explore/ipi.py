@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -205,15 +204,14 @@ def write_input(spec: IPIRunSpec, run_dir: Path, address: str, wall_seconds: flo
 IPI_SOCKET_PREFIX = "/tmp/ipi_"
 
 
-def _stop(process: subprocess.Popen | None, grace: float = 5.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+CHILDREN = "ipi-children.json"  # pidfile of the i-PI servers and the driver (alflow.process.reap)
+
+
+def _stop(process: subprocess.Popen | None, grace: float = 5.0, pidfile: Path | None = None) -> None:
+    """SIGTERM, then SIGKILL of the whole process tree after ``grace`` s (alflow.process.stop)."""
+    from alflow.process import stop
+
+    stop(process, grace, pidfile=pidfile)
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -236,13 +234,18 @@ class _Walker:
     message: str = ""
 
 
-def _start_server(ipi_exe: str, run_dir: Path, log: Any, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([ipi_exe, "input.xml"], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+def _start_server(ipi_exe: str, run_dir: Path, log: Any, env: dict[str, str], pidfile: Path) -> subprocess.Popen:
+    """i-PI in its own session, killed by the kernel when this process dies (alflow.process.start)."""
+    from alflow.process import start
+
+    return start([ipi_exe, "input.xml"], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=env, pidfile=pidfile)
 
 
-def _start_driver(args: list[str], cwd: Path, log: Any, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def _start_driver(args: list[str], cwd: Path, log: Any, env: dict[str, str], pidfile: Path) -> subprocess.Popen:
+    """The driver, like the servers: own session, dies with this process, recorded in ``pidfile``."""
+    from alflow.process import start
+
+    return start(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, pidfile=pidfile)
 
 
 def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir: str | Path, *,
@@ -270,6 +273,10 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
     walkers = [_Walker(spec, run_dir, "", Path()) for spec, run_dir in zip(specs, dirs)]
     logs: list[Any] = []
     driver = None
+    from alflow.process import reap
+
+    pidfile = out_dir / CHILDREN
+    reap(pidfile)  # servers and a driver a killed run left behind (the parent-death signal missed them)
     try:
         for w in walkers:
             w.address = f"alflow-{uuid.uuid4().hex[:8]}"
@@ -280,7 +287,7 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
                 (w.run_dir / stale).unlink(missing_ok=True)
             write_input(w.spec, w.run_dir, w.address, wall_seconds)
             logs.append(open(w.run_dir / "ipi.log", "w"))
-            w.server = _start_server(ipi_exe, w.run_dir, logs[-1], env)
+            w.server = _start_server(ipi_exe, w.run_dir, logs[-1], env, pidfile)
         for w in walkers:  # a client started before the socket exists gets FileNotFoundError
             while w.status is None and not w.socket_file.exists():
                 if w.server.poll() is not None:
@@ -289,7 +296,7 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
                                  f"{_tail(w.run_dir / 'ipi.log')}")
                 elif time.monotonic() - start > start_timeout:
                     w.status, w.message = ERROR, f"i-PI did not open {w.socket_file} within {start_timeout:.0f} s"
-                    _stop(w.server)
+                    _stop(w.server, pidfile=pidfile)
                 else:
                     time.sleep(0.05)
         serving = [w for w in walkers if w.status is None]
@@ -302,7 +309,7 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
                 args += ["--unix", w.address, "--structure", str((w.run_dir / "init.extxyz").resolve()),
                          "--connections", str(w.spec.nbeads), "--run-dir", str(w.run_dir.resolve())]
             logs.append(open(out_dir / "driver.log", "w"))
-            driver = _start_driver(args, out_dir, logs[-1], env)
+            driver = _start_driver(args, out_dir, logs[-1], env, pidfile)
             deadline = start + wall_seconds + 30.0
             while True:
                 running = [w for w in serving if w.status is None and w.server.poll() is None]
@@ -335,9 +342,9 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
             if w.status is None:
                 w.status, w.message = ERROR, f"{type(exc).__name__}: {exc}"
     finally:
-        _stop(driver)
+        _stop(driver, pidfile=pidfile)
         for w in walkers:
-            _stop(w.server)
+            _stop(w.server, pidfile=pidfile)
             if w.address:
                 w.socket_file.unlink(missing_ok=True)
         for log in logs:

@@ -54,6 +54,7 @@ HEADER = 12
 BOHR = units.Bohr  # Å per Bohr
 HARTREE = units.Hartree  # eV per Hartree
 DEFAULT_PREFIX = "/tmp/ipi_"
+READ_TIMEOUT = 300.0  # s without a message from a connected i-PI server (it polls STATUS every step) before giving up
 
 
 class ServerGone(ConnectionError):
@@ -133,6 +134,7 @@ class _Channel:
     done: bool = False
     gone: str = ""
     buffer: bytearray = field(default_factory=bytearray)
+    last: float = field(default_factory=time.monotonic)  # when the server last sent something (or we held its step)
 
 
 def _recv(sock: socket.socket, nbytes: int) -> bytes:
@@ -201,6 +203,7 @@ class IPIDriver:
         self.steps = 0  # structures evaluated
         self.calls = 0  # committee calls (one per gathered batch)
         self.channels: list[_Channel] = []
+        self.read_timeout: float | None = READ_TIMEOUT  # s of silence from a connected server; None: wait forever
 
     # ------------------------------------------------------------------ connections
 
@@ -348,9 +351,25 @@ class IPIDriver:
         """
         if sock is not None:
             self.channels.append(_Channel(sock, self.targets[0]))
+        limit = self.read_timeout
+        for c in self.channels:  # a server that stalls inside a message: recv raises TimeoutError
+            c.sock.settimeout(limit)
+            c.last = time.monotonic()
         try:
             while True:
                 live = [c for c in self.channels if not c.done]
+                if not live:
+                    break
+                now = time.monotonic()
+                for c in live:
+                    if c.pending is not None:
+                        c.last = now  # waiting for us, not for the server
+                    elif limit is not None and now - c.last > limit:
+                        c.done, c.gone = True, f"no message for {limit:g} s"
+                        print(f"alflow ipi-driver: i-PI at {c.target.where()} sent nothing for {limit:g} s "
+                              f"(--read-timeout) after {c.target.evaluations} evaluations: giving up on it",
+                              file=sys.stderr)
+                live = [c for c in live if not c.done]
                 if not live:
                     break
                 held = [c for c in live if c.pending is not None]
@@ -359,12 +378,15 @@ class IPIDriver:
                     continue
                 readable = [c for c in live if c.pending is None]
                 wait = self.gather_s if held else 1.0
+                if limit is not None:
+                    wait = min(wait, max(0.01, limit))
                 ready, _, _ = select.select([c.sock for c in readable], [], [], wait)
                 for c in readable:
                     if c.sock in ready:
                         try:
                             self._handle(c)
-                        except (ServerGone, BrokenPipeError, ConnectionResetError) as exc:
+                            c.last = time.monotonic()
+                        except (ServerGone, BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
                             c.done, c.gone = True, str(exc)
                             print(f"alflow ipi-driver: server gone ({c.target.where()}) after "
                                   f"{c.target.evaluations} evaluations ({exc})", file=sys.stderr)
@@ -379,11 +401,12 @@ class IPIDriver:
 def run_driver(model_path: str | Path, structure: str | Path | list[str | Path], *, unix: str | list[str] | None = None,
                host: str = "localhost", port: int | None = None, prefix: str = DEFAULT_PREFIX, device: str = "auto",
                timeout: float = 60.0, connections: int | list[int] = 1, run_dir: str | Path | list[str | Path] | None = None,
-               rules: StopRules | None = None, gather_s: float = 0.05) -> int:
+               rules: StopRules | None = None, gather_s: float = 0.05, read_timeout: float | None = READ_TIMEOUT) -> int:
     """Load the model and templates, connect to every server, and serve until each sent EXIT; returns the exit code.
 
     ``unix`` may name several servers; ``structure``, ``connections`` and ``run_dir`` are
-    then one value for all or one per server.
+    then one value for all or one per server. ``read_timeout`` (s): a connected server that
+    sends nothing for this long is given up (its connections end, exit code 1); None waits forever.
     """
     import potentials
     from alflow.explore.structures import read_structure
@@ -412,5 +435,6 @@ def run_driver(model_path: str | Path, structure: str | Path | list[str | Path],
 
         model = maybe_cueq(model, ModelEvaluator(model, device).device)
     driver = IPIDriver(model, targets, device=device, rules=rules, gather_s=gather_s)
+    driver.read_timeout = read_timeout
     driver.connect_all(timeout=timeout)
     return driver.serve()
