@@ -19,7 +19,8 @@ after ``1 + retries`` attempts the frame is finally failed with these settings.
 
 Oracle settings (``settings_key``): a hash of the labelling settings that decide
 whether a calculation succeeds (oracle, parameters, fallbacks, k-point density,
-timeout, retries, threads, memory limit, code version). Failure records are keyed
+timeout, retries, threads, memory limit, code version), keyed (HMAC) with the
+work directory's owner-only random salt ``WORKDIR/.settings-salt``. Failure records are keyed
 by frame *and* settings: a frame that finally failed is skipped only while the
 settings are the same (``retry_failed=True`` tries it anyway); after a fixed
 typo or another oracle it is tried again. Only the hash of the settings is
@@ -60,6 +61,7 @@ explorer's own ``source`` moves to ``origin``), ``timestamp``, ``status``
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -90,7 +92,8 @@ from alflow.fileio import atomic_write_json, atomic_write_text
 from alflow.secrets import MissingEnvVar, expand_env, redact, scrub, secret_values
 
 __all__ = ["LabelResult", "LabellingBusy", "Outcome", "label_frames", "labelling_lock", "probe_oracle",
-           "read_failures", "reference_energies", "run_calculation", "scratch_dir", "settings_key"]
+           "read_failures", "reference_energies", "run_calculation", "scratch_dir", "settings_key",
+           "settings_salt"]
 
 log = logging.getLogger("alflow.label")
 
@@ -102,6 +105,7 @@ KILL_SLACK_S = 5.0  # waiting for a killed process group to go
 WORKER_PYTHONPATH = "worker_pythonpath"  # reserved parameter: extra import path of the worker only (teachers)
 PERIODIC_REFERENCE = ("gpaw", "espresso", "cp2k", "vasp")  # codes that need a box for an isolated atom
 PROBE_TIMEOUT_S = 600.0  # longest wait (s) for the probe that builds the oracle once before any calculation
+SALT_FILE = ".settings-salt"
 NOT_SETTINGS = ("max_force_warning",)  # LabellingConfig fields that cannot change whether a calculation succeeds
 
 
@@ -367,15 +371,29 @@ def oracle_key(oracle: str, parameters: dict[str, Any], kpoint_density: float | 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def settings_key(config: LabellingConfig) -> str:
-    """Short hash of the labelling settings that decide whether a calculation succeeds (module docstring).
+def settings_key(config: LabellingConfig, salt: bytes = b"") -> str:
+    """Short keyed hash of the labelling settings that decide whether a calculation succeeds (module docstring).
 
-    Every ``LabellingConfig`` field except ``NOT_SETTINGS``, plus the code version. Only the hash is
-    stored with a failure, so a secret in ``parameters`` is never needed to compare settings.
+    Every ``LabellingConfig`` field except ``NOT_SETTINGS``, plus the code version, as HMAC-SHA256 with
+    ``salt`` (``label_frames`` uses the work directory's ``settings_salt``). Only the hash is stored with
+    a failure, so a secret in ``parameters`` is never needed to compare settings; keyed with a salt that
+    only the owner can read, the stored hash cannot be used to guess a weak secret offline either.
     """
     fields = {k: v for k, v in config.model_dump().items() if k not in NOT_SETTINGS}
     blob = json.dumps([fields, code_version(config.oracle)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hmac.new(salt, blob.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def settings_salt(workdir: str | os.PathLike) -> bytes:
+    """The work directory's random salt for ``settings_key`` (``WORKDIR/.settings-salt``, owner-only, made once)."""
+    path = Path(workdir) / SALT_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        salt = os.urandom(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, salt.hex() + "\n", mode=0o600)
+        return salt
 
 
 # ------------------------------------------------------------------------- scratch and locking
@@ -512,8 +530,8 @@ def label_frames(
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    key = settings_key(config)
     with labelling_lock(ds.path, workdir):
+        key = settings_key(config, settings_salt(workdir))
         return _label_locked(frames, config, ds, workdir, key, t0, progress, max_workers, retry_failed, keep_scratch)
 
 

@@ -36,6 +36,8 @@ from alflow.label import (
     reference_energies,
     run_calculation,
     scratch_dir,
+    settings_key,
+    settings_salt,
 )
 from alflow.label_worker import InvalidResult, validate_result
 from alflow.oracles import OracleError, gamma_centred_points, kpoint_grid
@@ -299,6 +301,17 @@ def test_failures_are_keyed_by_oracle_settings_and_skips_are_explained(tmp_path,
     assert main(label_cmd(src, ds, *flaky, "--param", "mixing_beta=0.1")) == 0
     assert "labelled 2, failed 0" in capsys.readouterr().out
     assert len(Dataset(ds)) == 2
+
+
+def test_settings_key_is_keyed_by_an_owner_only_salt(tmp_path):
+    cfg = LabellingConfig(oracle="emt", parameters={"api_key": "hunter2"})
+    salt = settings_salt(tmp_path)
+    assert settings_salt(tmp_path) == salt and len(salt) == 32  # made once, then read back
+    assert (tmp_path / ".settings-salt").stat().st_mode & 0o077 == 0
+    key = settings_key(cfg, salt)
+    assert key == settings_key(cfg.model_copy(), salt) and key != settings_key(cfg, settings_salt(tmp_path / "other"))
+    assert key != settings_key(cfg.model_copy(update={"parameters": {"api_key": "hunter3"}}), salt)
+    assert key == settings_key(cfg.model_copy(update={"max_force_warning": 10.0}), salt)  # not a setting
 
 
 def test_an_oracle_that_cannot_be_built_fails_before_any_calculation(tmp_path, capsys):
