@@ -54,7 +54,7 @@ the code reports one), ``REF_forces`` (eV/Å), ``REF_stress`` (eV/Å³ Voigt, on
 for 3D-periodic cells and oracles that give stress) and provenance:
 ``labeller`` (oracle name), ``source`` ("dft", "teacher" or "reference"; an
 explorer's own ``source`` moves to ``origin``), ``timestamp``, ``status``
-"labelled", ``oracle_key`` (hash of oracle, parameters and k-point density),
+"labelled", ``oracle_key`` (hash of oracle, parameters with secrets redacted and k-point density),
 ``attempt``.
 """
 
@@ -458,7 +458,8 @@ def _labelled_frame(atoms: Atoms, result: dict[str, Any], config: LabellingConfi
         out.info[REF_STRESS] = np.asarray(result["stress"], dtype=float)
     out.info.update({LABELLER: config.oracle, SOURCE: source_of(config.oracle), STATUS: "labelled",
                      TIMESTAMP: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "oracle_key": oracle_key(config.oracle, params, config.kpoint_density), "attempt": attempt})
+                     "oracle_key": oracle_key(config.oracle, redact(params), config.kpoint_density),  # no secret in it
+                     "attempt": attempt})
     return out
 
 

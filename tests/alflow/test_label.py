@@ -431,3 +431,14 @@ def test_absurd_forces_are_reported_and_impossible_structures_never_reach_the_or
     assert main(label_cmd(src, tmp_path / "ds2", "--oracle", "emt", "--max-force-warning", "100")) == 0
     err = capsys.readouterr().err
     assert "1 label(s) with max |F| above 100 eV/Å" in err and frame_hash(close)[:12] in err
+
+
+def test_the_oracle_key_of_a_label_does_not_depend_on_a_secret():
+    from alflow.label import _labelled_frame
+
+    atoms, keys = cu_frames(1)[0], []
+    for secret in ("hunter2", "correct horse"):
+        cfg = LabellingConfig(oracle="emt", parameters={"password": secret})
+        labelled = _labelled_frame(atoms, {"energy": 0.0, "forces": np.zeros((4, 3))}, cfg, cfg.parameters, 0)
+        keys.append(labelled.info["oracle_key"])
+    assert keys[0] == keys[1]
