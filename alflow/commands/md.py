@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(config.run_dir) / "md"
     if out.exists() and not out.is_dir():
         raise FileExistsError(17, "exists and is not a directory (--out)", str(out))
-    results = explore(config, args.model, out, device=args.device, progress=not args.no_progress)
+    from alflow.process import sigterm_exits
+
+    with sigterm_exits():  # SIGTERM stops i-PI, the driver and the workers on the way out (SIGKILL: they die too)
+        results = explore(config, args.model, out, device=args.device, progress=not args.no_progress)
     width = max(len(r["name"]) for r in results)
     for r in results:
         print(f"{r['name']:<{width}}  {r['status']:<9} steps={r['steps']:<6} frames={r['frames']:<5} -> {r['trajectory']}")

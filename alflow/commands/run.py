@@ -91,12 +91,11 @@ def _run(args: argparse.Namespace) -> int:
 
             raise InputError(f"--prefect-timeout: expected seconds > 0, got {args.prefect_timeout}")
         prefect_environment(config)
-        from alflow.process import sigterm_exits
         from flows.server import prefect_api
 
-        # SIGTERM unwinds like Ctrl-C (the temporary server is stopped, the run lock released); a SIGKILL is
+        # SIGTERM unwinds (``run``: the temporary server is stopped, the run lock released); a SIGKILL is
         # covered by the server's watchdog and, failing that, by the next run's reaper (flows.server)
-        with sigterm_exits(), prefect_api(config.run_dir, timeout=args.prefect_timeout):
+        with prefect_api(config.run_dir, timeout=args.prefect_timeout):
             from flows.active_learning import run_flow
 
             summary = run_flow(config_path, force=args.force)
@@ -117,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     from alflow.errors import AlflowError
     from alflow.loop import RunLockedError, RunStateError
 
+    from alflow.process import sigterm_exits
+
     try:
-        return _run(args)
+        with sigterm_exits():  # SIGTERM unwinds (children stopped, lock released) and exits 143
+            return _run(args)
     except (ConfigError, RunLockedError, RunStateError) as err:
         print(f"alflow run: {err}", file=sys.stderr)
         return 2

@@ -125,3 +125,22 @@ def test_alflow_run_stops_at_once_when_the_prefect_api_never_answers(tmp_path):
     assert "Traceback" not in done.stderr
     assert elapsed < 60.0
     assert not (tmp_path / "run" / "state.json").exists()  # nothing started before the check
+
+
+def test_the_api_check_names_a_silent_server_and_a_refused_one_within_its_timeout():
+    """``flows.server.check_api`` (imports no Prefect): silence and refusal both end with a message at once."""
+    from flows.server import PrefectUnreachable, check_api
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(PrefectUnreachable, match=r"did not answer GET /health within 1 s"):
+            check_api(url, 1.0)
+    finally:
+        listener.close()
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(PrefectUnreachable, match="no Prefect server answers at PREFECT_API_URL="):
+        check_api(url, 1.0)  # the port is closed now
