@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from alflow.voigt import to_voigt
+
 NOT_CONVERGED = re.compile(
     r"convergence NOT achieved|SCF run NOT converged|not converged|did not converge|ConvergenceError", re.IGNORECASE
 )
@@ -182,7 +184,7 @@ def validate_result(payload: dict[str, Any], n_atoms: int, forces_expected: bool
     else:
         stress = array("stress")
         if stress.shape == (3, 3):
-            stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
+            stress = to_voigt(stress)  # the one Voigt conversion (alflow.voigt): xx yy zz yz xz xy
         if stress.shape != (6,):
             raise InvalidResult(f"the oracle returned stress of shape {stress.shape}; expected (6,) Voigt or (3, 3) "
                                 f"(eV/Å³)")

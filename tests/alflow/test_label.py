@@ -397,7 +397,8 @@ def test_wrong_shape_results_are_failures_and_labelling_carries_on(tmp_path, cap
 def test_result_validator():
     good = {"energy": np.float64(-1.5), "forces": np.zeros((2, 3)), "stress": np.arange(9.0).reshape(3, 3)}
     out = validate_result(good, 2)
-    assert out["energy"] == -1.5 and out["stress"] == [0.0, 4.0, 8.0, 5.0, 2.0, 1.0]  # Voigt xx yy zz yz xz xy
+    # Voigt xx yy zz yz xz xy; off-diagonals the mean of the pair, as ASE's full_3x3_to_voigt_6_stress (alflow.voigt)
+    assert out["energy"] == -1.5 and out["stress"] == [0.0, 4.0, 8.0, 6.0, 4.0, 2.0]
     assert validate_result({**good, "stress": None}, 2)["stress"] is None
     assert validate_result({"energy": 1.0, "forces": None, "stress": None}, 2, forces_expected=False)["forces"] is None
     for bad, match in (({"energy": [1.0, 2.0]}, "energy of shape"), ({"energy": float("nan")}, "non-finite energy"),
