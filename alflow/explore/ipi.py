@@ -107,11 +107,15 @@ class IPIRunSpec:
 
 
 def load_alpha(model_path: str | Path) -> float:
-    """The calibration factor α stored with a committee file (1.0 for a single model)."""
-    import potentials
+    """The calibration factor α stored with a committee file (1.0 for a single model), read from the
+    checkpoint without building the model (as ``Committee.from_checkpoint``: the ``alpha`` buffer wins)."""
+    from potentials.registry import read_checkpoint
 
-    model = potentials.load(model_path, device="cpu")
-    return float(getattr(model, "alpha", 1.0))
+    payload = read_checkpoint(model_path)
+    if payload.get("kind") != "committee":
+        return 1.0
+    alpha = payload["state_dict"].get("alpha", payload["metadata"].get("alpha", 1.0))
+    return float(alpha)
 
 
 def _dynamics_xml(spec: IPIRunSpec) -> str:
