@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rules = StopRules(upper=args.upper, patience=args.patience, min_distance=args.min_distance)
     try:
+        from alflow.devices import resolve_device
+
+        resolve_device(args.device, what="--device")  # before the model is read
         return run_driver(args.model, args.structure, unix=args.unix, host=args.host or "localhost", port=args.port,
                           prefix=args.prefix, device=args.device, timeout=args.timeout,
                           connections=args.connections or 1, run_dir=args.run_dir, rules=rules, gather_s=args.gather,

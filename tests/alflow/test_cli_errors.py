@@ -84,6 +84,8 @@ MISTAKES = [
     ("train-missing-data", ["train", "{config}", "--data", "{root}/missing.extxyz", "--quiet"], ["missing.extxyz"], ()),
     ("ipi-driver-cuda", ["ipi-driver", "--model", "{model}", "--structure", "{labelled}", "--unix", "x", "--device",
                          "cuda", "--timeout", "1"], ["CUDA"], (NO_CUDA,)),
+    ("ipi-driver-unknown-device", ["ipi-driver", "--model", "{model}", "--structure", "{labelled}", "--unix", "x",
+                                   "--device", "tpu"], ["--device", "tpu"], ()),
     ("ipi-driver-missing-model", ["ipi-driver", "--model", "{root}/gone.pt", "--structure", "{labelled}", "--unix", "x",
                                   "--timeout", "1"], ["gone.pt"], ()),
     ("select-out-missing-dir", ["select", "{traj}", "--out", "{root}/no_such_dir/selected.extxyz"], ["no_such_dir", "--out"], ()),
