@@ -3,6 +3,12 @@
 Each subcommand is a module in ``alflow/commands`` with ``add_arguments(parser)``
 and ``run(args) -> int``. Modules are imported only when their command runs, so
 ``alflow --help`` stays fast. To add a command, add one row to ``COMMANDS``.
+
+Errors are caught once, here: an ``AlflowError`` prints its message (which names the thing)
+and exits with its ``exit_code`` (2 bad input, 1 a failure at run time); an ``OSError`` (a
+missing directory, a full disk, permissions) prints ``PATH: reason`` and exits 2. Neither
+prints a traceback; anything else is a bug and does. ``writing(path)`` lends a file name to
+the kernel's errors that carry none (a write on a full disk).
 """
 
 from __future__ import annotations
