@@ -15,7 +15,9 @@ Per row: ``atom_steps_per_s`` = walkers × atoms / (time per MD step of all walk
 on the same batch of structures with its graph built beforehand, measured in the same run).
 Time per MD step is measured from two runs of ``s0`` and ``s0 + steps`` steps
 (t(s0 + steps) - t(s0)) / steps, so start-up (model transfer, first evaluation, thermalisation,
-threads) is not counted. The model time is the median of repeated calls.
+threads) is not counted. The model time is the mean of two medians of ``--repeats`` calls, taken just
+before and just after the engine's runs (on a loaded machine the load drifts; this cancels it to
+first order).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", help="WALKERSxATOMS, e.g. 8x108 64x108 1x2048")
     parser.add_argument("--engines", nargs="+", help="subset of ase-lockstep ase-sequential batched ipi")
     parser.add_argument("--steps", type=int, help="timed MD steps per run (default 20, quick 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="model-only calls timed (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="model-only calls timed (median), before and after")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
@@ -171,12 +173,14 @@ def main() -> None:
                 potentials.save(model.cpu(), model_path)
                 model.to(device)
             for walkers, atoms in run_sizes:
-                t_model = model_seconds(model, walkers, atoms, device, args.repeats)
                 for engine in engines:
                     if engine.startswith("ase") and walkers * atoms * steps > 64 * 108 * 20 and args.quick:
                         continue
+                    # the model alone before and after the engine's two runs: load drifts cancel to first order
+                    before = model_seconds(model, walkers, atoms, device, args.repeats)
                     t0 = run_engine(engine, model, walkers, atoms, s0, device, workdir, model_path)
                     t1 = run_engine(engine, model, walkers, atoms, s0 + steps, device, workdir, model_path)
+                    t_model = 0.5 * (before + model_seconds(model, walkers, atoms, device, args.repeats))
                     step = max(t1 - t0, 1e-9) / steps
                     row = {"engine": engine, "device": device, "model": f"{name}-4", "walkers": walkers, "atoms": atoms,
                            "steps": steps, "step_s": round(step, 5), "model_s": round(t_model, 5),

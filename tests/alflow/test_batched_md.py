@@ -350,3 +350,20 @@ def test_alflow_md_engine_batched(tmp_path, committee, monkeypatch):
     assert [f.info[keys.STEP] for f in frames] == [0, 3, 6]
     assert len(calls) == 1 and calls[0]["min_distance"] == 0.5  # the batched engine ran, with the config's rules
     assert len(__import__("json").loads((tmp_path / "md" / "walkers.json").read_text())) == 3
+
+
+@pytest.mark.gpu
+def test_batched_engine_on_cuda_equals_cpu(tmp_path, committee):
+    """The same walkers on CUDA and on the CPU (float64): the same statuses and positions (1e-6 Å after 20 steps)."""
+    atoms = cu(2, rattle=0.02)
+    specs = [WalkerSpec(atoms=atoms, ensemble=e, temperature=[300.0, 500.0], steps=20, stride=10, seed=k,
+                        pressure=0.0 if e.startswith("npt") else None, name=f"w{k}")
+             for k, e in enumerate(["nve", "nvt-langevin", "nvt-nose-hoover", "nvt-svr", "npt-iso", "npt-aniso"])]
+    cpu = run_batched(specs, committee, tmp_path / "cpu", upper=10.0, progress=False, device="cpu")
+    gpu = run_batched(specs, committee, tmp_path / "gpu", upper=10.0, progress=False, device="cuda")
+    committee.cpu()
+    for a, b in zip(cpu, gpu):
+        assert a.status == b.status == DONE, (a.message, b.message)
+        for x, y in zip(read(a.trajectory, ":"), read(b.trajectory, ":")):
+            np.testing.assert_allclose(x.positions, y.positions, atol=1e-6)
+            np.testing.assert_allclose(x.cell.array, y.cell.array, atol=1e-6)
