@@ -134,11 +134,10 @@ class ForceCall:
     def _shift_vectors(self, edges: torch.Tensor, shifts: torch.Tensor, state: MDState) -> torch.Tensor:
         """S @ cell per pair (E, 3), Å; cached while the pair list and the cells stay the same (NVT: until a rebuild)."""
         cache = getattr(self, "_shift_cache", None)
-        if cache is not None and cache[0] is edges and cache[1].shape == state.cells.shape \
-                and bool(torch.equal(cache[1], state.cells)):
-            return cache[2]
+        if cache is not None and cache[0] is edges and cache[1] is state.cells:
+            return cache[2]  # no barostat moved the cells (the engine's states keep the same cells tensor then)
         vectors = edge_vectors(torch.zeros_like(state.positions), state.cells, edges[0], edges[1], shifts, state.batch)
-        self._shift_cache = (edges, state.cells.clone(), vectors)
+        self._shift_cache = (edges, state.cells, vectors)
         return vectors
 
     def __call__(self, state: MDState) -> MDState:
