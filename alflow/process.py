@@ -242,8 +242,8 @@ def stop(proc: subprocess.Popen | None, grace: float = 5.0, *, pidfile: str | os
             for p, started in tree.items():
                 if started is not None and alive(p, started):
                     kill_tree(p)
-        kill_tree(proc.pid, include_root=proc.poll() is None)  # stragglers, the root if it ignored SIGTERM
-        if proc.poll() is None:
+        if proc.poll() is None:  # it ignored SIGTERM (only while not yet reaped is its pid surely ours)
+            kill_tree(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5.0)
         return proc.returncode

@@ -13,17 +13,20 @@
   ``alflow run`` dies, even by SIGKILL, the watchdog kills the server; a server that
   still escaped (the watchdog killed too) is killed by the next ``alflow run`` of
   the same run directory (``alflow.process.reap``). Prefect's own clients find the
-  same server (it is a per-process singleton).
+  same server (it is a per-process singleton). Prefect stops it at exit, after its log
+  and event workers have drained into it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from alflow.errors import RuntimeFailure
 
@@ -89,19 +92,24 @@ def prefect_api(run_dir: str | Path, timeout: float = 30.0,
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    guarded: dict[str, Any] = {}
+
+    def forget_server() -> None:  # runs at exit after Prefect stopped the server (atexit is last in, first out)
+        process = guarded.get("process")
+        if process is not None and process.poll() is None:  # Prefect did not stop it
+            stop(process, grace=5.0)
+        if process is not None:
+            forget(pidfile, process.pid)
+        stop(guarded.get("watchdog"), grace=1.0)
+
+    atexit.register(forget_server)  # before server.start() registers Prefect's own stop
     server = SubprocessASGIServer()  # the instance Prefect's clients use in ephemeral mode
     server.start()  # waits up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, then raises with a message
     process = server.server_process
-    if process is None:  # already running in this process (a second flow)
-        yield server.api_url
-        return
-    watchdog = None
-    try:
+    if process is not None and "process" not in guarded:
+        guarded["process"] = process
         record(pidfile, process.pid, f"prefect temporary server {server.api_url}")
-        watchdog = guard(process.pid)
-        yield server.api_url
-    finally:
-        with contextlib.suppress(Exception):
-            server.stop()  # SIGTERM, 5 s, SIGKILL
-        stop(watchdog, grace=1.0)
-        forget(pidfile, process.pid)
+        guarded["watchdog"] = guard(process.pid)
+    # Prefect stops the server at exit, after its log and event workers have drained into it; stopping it
+    # here would lose the last log lines. Until then the watchdog kills it if this process dies.
+    yield server.api_url
