@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import operator
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from alflow import __version__
 from potentials.base import Potential
@@ -203,25 +204,56 @@ def check_metadata(meta: Any, where: str = "checkpoint") -> None:
         _check_value(value, f"{where}: metadata.hparams.{name}")
 
 
-def _requested_elements(func: Any, args: tuple, kwargs: dict) -> int:
-    """Elements a factory op (one with a ``size`` argument, or ``arange``) is about to allocate; 0 for others."""
+def _as_int(value: Any) -> int | None:
     try:
-        for i, arg in enumerate(func._schema.arguments):
-            if arg.name == "size":
-                size = args[i] if i < len(args) else kwargs.get("size")
-                return math.prod(int(n) for n in size) if isinstance(size, (list, tuple, torch.Size)) else int(size or 0)
-        if func._schema.name == "aten::arange":
-            nums = [float(a) for a in args if isinstance(a, (int, float))]
-            start, end, step = (0.0, nums[0], 1.0) if len(nums) == 1 else (nums + [1.0])[:3]
-            return max(0, math.ceil((end - start) / step)) if step else 0
-    except (TypeError, ValueError, OverflowError):
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _factory_elements(func: Any, args: tuple, kwargs: dict) -> int:
+    """Elements a tensor factory (``torch.empty``, ``zeros``, ``randn``, ``full``, ``arange``, ...) is about to make."""
+    name = getattr(func, "__name__", "")
+    try:
+        if name.endswith("_like") or name in ("tensor", "as_tensor", "asarray", "from_numpy", "frombuffer"):
+            return 0  # the size of something that exists already
+        if name in ("arange", "range"):
+            nums = [float(a) for a in args if _as_int(a) is not None or isinstance(a, float)]
+            start, end, step = (0.0, nums[0], 1.0) if len(nums) == 1 else (nums + [1.0])[:3] if nums else (0, 0, 1)
+            return max(0, math.ceil((float(end) - float(start)) / float(step))) if step else 0
+        if name in ("linspace", "logspace"):
+            return _as_int(args[2] if len(args) > 2 else kwargs.get("steps", 0)) or 0
+        if name == "eye":
+            n = _as_int(args[0] if args else kwargs.get("n", 0)) or 0
+            m = _as_int(args[1]) if len(args) > 1 and _as_int(args[1]) is not None else kwargs.get("m", n)
+            return n * (_as_int(m) or 0)
+        size = kwargs.get("size")
+        if size is None:
+            size = next((a for a in args if isinstance(a, (list, tuple, torch.Size))), None)
+        if size is None:
+            size = []
+            for a in args:
+                if _as_int(a) is None or isinstance(a, bool):
+                    break
+                size.append(a)
+        return math.prod(_as_int(n) or 0 for n in size) if size else 0
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
         return 0
-    return 0
 
 
-class _AllocationGuard(TorchDispatchMode):
-    """While a model is built from checkpoint metadata: refuses (``CheckpointError``) a tensor larger than
-    ``one`` elements, or more than ``total`` in all, before it is allocated, and more than ``registered``
+try:  # the functions that create tensors (what ``torch.device(...)`` as a context redirects)
+    from torch.utils._device import _device_constructors as _constructors
+
+    _FACTORIES = frozenset(_constructors())
+except Exception:  # noqa: BLE001 - a private torch helper: fall back to the common ones
+    _FACTORIES = frozenset(getattr(torch, n) for n in ("empty", "zeros", "ones", "full", "rand", "randn", "randint",
+                                                        "arange", "linspace", "logspace", "eye", "empty_strided"))
+
+
+class _AllocationGuard(TorchFunctionMode):
+    """While a model is built from checkpoint metadata: refuses (``CheckpointError``) a tensor factory call
+    (``torch.empty``, ``zeros``, ``randn``, ...) for more than ``one`` elements, or more than ``total`` in all,
+    before it allocates, and more than ``registered``
     elements of parameters and buffers registered by modules (this thread only): a model larger than the
     stored weights stops at once, on the meta device as on the CPU."""
 
@@ -260,18 +292,17 @@ class _AllocationGuard(TorchDispatchMode):
             hook.remove()
         self.hooks = []
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        want = _requested_elements(func, args, kwargs)
-        if want > self.one or self.used + want > self.total:
-            raise CheckpointError(
-                f"{self.where}: building the model from its metadata would allocate a tensor of {want:,} elements "
-                f"({self.used:,} so far; limits {self.one:,} per tensor, {self.total:,} in all, from the size of the "
-                "stored weights): the metadata does not describe the stored weights")
-        out = func(*args, **kwargs)
-        self.used += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
-                         if isinstance(t, torch.Tensor))
-        return out
+        if func in _FACTORIES and threading.get_ident() == self.thread:
+            want = _factory_elements(func, args, kwargs)
+            if want > self.one or self.used + want > self.total:
+                raise CheckpointError(
+                    f"{self.where}: building the model from its metadata would allocate a tensor of {want:,} "
+                    f"elements ({self.used:,} so far; limits {self.one:,} per tensor, {self.total:,} in all, from "
+                    "the size of the stored weights): the metadata does not describe the stored weights")
+            self.used += want
+        return func(*args, **kwargs)
 
 
 def _compare_state(expected: dict[str, torch.Tensor], stored: dict[str, Any], where: str) -> None:
@@ -344,6 +375,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> t
         from potentials.committee import Committee
 
         model = Committee.from_checkpoint(payload, where=str(path))
+    elif kind == "shallow":
+        from potentials.shallow import ShallowCommittee
+
+        model = ShallowCommittee.from_checkpoint(payload, where=str(path))
     else:
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     return model.to(device).eval()
