@@ -98,7 +98,12 @@ class TrainingDivergedError(TrainingError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """One trained potential: split sizes, epochs, timings, losses, metrics per split, file paths."""
+    """One trained potential: split sizes, epochs, timings, losses, metrics (valid, test), file paths.
+
+    ``metrics`` has no "train" entry (a pass over the training frames per member cost as much as
+    several epochs; the committee's ``CommitteeTrainResult.metrics`` keeps the train split).
+    ``seconds``: this member's training; for members trained together, the joint training.
+    """
 
     architecture: str
     n_train: int
@@ -791,7 +796,7 @@ def _fit(
     model.load_state_dict(best_state)
     model.eval()
     seconds = time.perf_counter() - start
-    metrics = _final_metrics(model, cache, {"train": train_idx, "valid": valid_idx, "test": test_idx}, config)
+    metrics = _final_metrics(model, cache, {"valid": valid_idx, "test": test_idx}, config)
     result = TrainResult(
         architecture=getattr(model, "architecture", type(model).__name__), n_train=len(train_idx),
         n_valid=len(valid_idx), n_test=len(test_idx), epochs=epoch, best_epoch=state.best_epoch,
@@ -1022,7 +1027,7 @@ def _fit_grouped(
         m.eval()
         if checkpoints[k] is not None:
             potentials.save(m, checkpoints[k])
-        metrics = _final_metrics(m, cache, {"train": member_idx[k], "valid": valid_idx, "test": test_idx}, config)
+        metrics = _final_metrics(m, cache, {"valid": valid_idx, "test": test_idx}, config)
         result = TrainResult(
             architecture=getattr(m, "architecture", type(m).__name__), n_train=len(member_idx[k]),
             n_valid=len(valid_idx), n_test=len(test_idx), epochs=last_epoch[k], best_epoch=states[k].best_epoch,
