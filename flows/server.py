@@ -106,6 +106,7 @@ def prefect_api(run_dir: str | Path, timeout: float = 30.0,
     server = SubprocessASGIServer()  # the instance Prefect's clients use in ephemeral mode
     server.start()  # waits up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, then raises with a message
     process = server.server_process
+    say(f"Prefect: temporary server on {server.api_url} (it stops with this run)")
     if process is not None and "process" not in guarded:
         guarded["process"] = process
         record(pidfile, process.pid, f"prefect temporary server {server.api_url}")
