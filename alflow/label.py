@@ -89,6 +89,7 @@ from alflow.io import DatasetError, frame_hash, validate_structure
 from alflow.keys import FRAME_HASH, LABELLER, REF_ENERGY, REF_FORCES, REF_STRESS, SOURCE, STATUS, TIMESTAMP
 from alflow.oracles import OracleError, code_version, deep_merge, isolated_atom, source_of
 from alflow.fileio import atomic_write_json, atomic_write_text
+from alflow.process import python_module
 from alflow.secrets import MissingEnvVar, expand_env, redact, scrub, secret_values
 
 __all__ = ["LabelResult", "LabellingBusy", "Outcome", "label_frames", "labelling_lock", "probe_oracle",
@@ -190,7 +191,7 @@ def _worker_env(threads: int, pythonpath: Sequence[str] = ()) -> dict[str, str]:
 
 
 # ``-P`` (Python >= 3.11): ``-m`` does not put the working directory (the task directory) on sys.path
-WORKER_COMMAND = (sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", "alflow.label_worker")
+WORKER_COMMAND = tuple(python_module("alflow.label_worker"))
 
 
 _RUNNING_LOCK = threading.Lock()

@@ -337,6 +337,13 @@ def sigterm_exits(code: int = 143) -> Iterator[None]:
 # ----------------------------------------------------------------------------- guard
 
 
+def python_module(module: str, *args: str) -> list[str]:
+    """``[python, -P, -m, module, *args]``: an alflow Python subprocess that never imports from its working
+    directory (``-P``, Python >= 3.11; ``-m`` would put it first on ``sys.path``, before the standard library,
+    so a ``json.py`` or ``threading.py`` lying there would run). See docs/security.md."""
+    return [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", module, *map(str, args)]
+
+
 def guard(pid: int, *, interval: float = 0.5) -> subprocess.Popen:
     """Start a watchdog that kills ``pid`` (and its tree) as soon as this process dies, by any signal.
 
@@ -346,7 +353,7 @@ def guard(pid: int, *, interval: float = 0.5) -> subprocess.Popen:
     ends it. Stop the watchdog with :func:`stop` once the child is stopped.
     """
     started = process_start_time(pid)
-    args = [sys.executable, "-m", "alflow.process", "guard", str(pid), str(started or 0), str(os.getpid()), str(interval)]
+    args = python_module("alflow.process", "guard", str(pid), str(started or 0), str(os.getpid()), str(interval))
     proc = start(args, death_signal=signal.SIGTERM, stdin=subprocess.DEVNULL)
     return proc
 

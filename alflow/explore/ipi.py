@@ -49,6 +49,7 @@ from alflow.errors import InputError
 from alflow.explore.ase_md import ramp
 from alflow.explore.frames import DONE, ERROR, TEMPERATURE_K, WalkerResult, scored_frame
 from alflow.explore.ipi_driver import StopRules
+from alflow.process import python_module
 
 IPI_ENSEMBLES = ensembles_for("ipi")  # the one ensemble table: alflow.ensembles
 
@@ -305,7 +306,7 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
                     time.sleep(0.05)
         serving = [w for w in walkers if w.status is None]
         if serving:
-            args = [sys.executable, "-m", "alflow.cli", "ipi-driver", "--model", str(Path(model_path).resolve()),
+            args = [*python_module("alflow.cli", "ipi-driver"), "--model", str(Path(model_path).resolve()),
                     "--prefix", prefix, "--device", device, "--upper", repr(float(rules.upper)),
                     "--patience", str(int(rules.patience)), "--min-distance", repr(float(rules.min_distance)),
                     "--gather", repr(float(gather_s))]

@@ -72,6 +72,32 @@ def test_label_workers_never_import_from_the_working_directory(tmp_path, monkeyp
     assert np.asarray(out.result["forces"]).shape == (4, 3)
 
 
+def test_alflow_python_subprocesses_never_import_from_the_working_directory(tmp_path, monkeypatch):
+    """The process watchdog (``python -m alflow.process guard``, started by ``alflow run``) in a hostile
+    directory: ``-m`` would put it first on sys.path, before the standard library (``alflow.process.python_module``)."""
+    import subprocess
+    import time
+
+    from alflow import process
+
+    hostile = tmp_path / "downloaded"
+    hostile.mkdir()
+    markers = {name: tmp_path / f"{name}-ran" for name in ("json", "threading", "signal", "subprocess", "ctypes")}
+    for name, marker in markers.items():
+        (hostile / f"{name}.py").write_text(HOSTILE.format(marker=str(marker), rest="raise SystemExit(3)\n"))
+    monkeypatch.chdir(hostile)
+    child = subprocess.Popen(["sleep", "60"])
+    watchdog = process.guard(child.pid)
+    try:
+        time.sleep(2.0)
+        assert watchdog.poll() is None  # a hostile import would have ended it with status 3
+    finally:
+        process.stop(watchdog)
+        child.kill()
+        child.wait()
+    assert [m.name for m in markers.values() if m.exists()] == []
+
+
 def test_an_oracle_module_is_imported_from_the_named_path_only(tmp_path, monkeypatch):
     """``module:Class`` next to the working directory is not found unless named in worker_pythonpath."""
     plugins = tmp_path / "plugins"
