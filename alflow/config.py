@@ -194,10 +194,27 @@ class CommitteeConfig(_Model):
     """The committee of independently trained models whose disagreement measures uncertainty."""
 
     size: Bounded(256, kind=int) = Field(4, ge=2, description="Number of members.")
+    kind: Literal["full", "shallow"] = Field(
+        "full", description="full: independently trained members; shallow: one shared trunk and `heads` readout "
+        "heads trained with a force NLL (potentials/shallow.py, docs/uncertainty.md).")
+    heads: Bounded(256, kind=int) = Field(4, ge=2, description="Number of heads of a shallow committee.")
+    shallow_forces: Literal["heads", "mean"] = Field(
+        "heads", description="Shallow committee forces: every head's forces (one batched backward pass), or the "
+        "mean head's only with the per-atom energy spread as force deviation (the cost of one model).")
     bootstrap: bool = Field(False, description="Train each member on a bootstrap resample of the training set.")
     calibrate: bool = Field(True, description="Rescale the committee spread on the validation set (uncertainty calibration).")
     calibration_min_frames: int = Field(
         1, ge=1, description="Calibrate only with at least this many validation frames; fewer leave alpha = 1.")
+    calibration: Literal["scale", "isotonic"] = Field(
+        "scale", description="Map from committee deviation to true error, refitted every iteration on every labelled "
+        "frame so far: per-element scale alpha, or per-element isotonic regression (docs/uncertainty.md).")
+    calibration_decay: float = Field(
+        0.5, gt=0, le=1, description="Weight per iteration of age of the calibration data (1: all iterations equal).")
+    calibration_min_atoms: Bounded(10_000_000, kind=int) = Field(
+        20, ge=1, description="Atoms of an element needed for its own calibration; fewer use the global fit.")
+    trust_target: Bounded(1e3) | None = Field(
+        None, gt=0, description="True max force error (eV/A) a trusted frame should stay below, for the logged "
+        "trust-window coverage; null: selection.lower.")
 
 
 class TrainingConfig(_Model):
@@ -228,6 +245,11 @@ class TrainingConfig(_Model):
     final_epochs: int = Field(0, ge=0, description="Final stage (stage two / SWA-like): the last this many epochs, or from an early stop on, with final_energy_weight and lr * final_lr_factor; 0 disables.")
     final_energy_weight: float | None = Field(None, ge=0, description="Energy loss weight of the final stage; null: 10 x energy_weight.")
     final_lr_factor: float = Field(0.1, gt=0, le=1, description="LR of the final stage as a fraction of lr.")
+    nll_epochs: Bounded(1_000_000, kind=int) = Field(
+        20, ge=0, description="Shallow committee: epochs of Gaussian force-NLL fine-tuning after the MSE stage.")
+    nll_weight: float = Field(1.0, ge=0, description="Shallow committee: weight of the force NLL in the fine-tuning loss.")
+    nll_trunk_lr_factor: float = Field(
+        0.1, ge=0, le=1, description="Shallow committee: trunk LR during NLL fine-tuning as a fraction of lr (0 freezes it).")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -375,7 +397,8 @@ class LabellingConfig(_Model):
     retries: Bounded(100, kind=int) = Field(1, ge=0, description="Retries of a failed calculation, using fallback_parameters in turn.")
     memory_limit_gb: Bounded(1e5, "GB") | None = Field(
         None, ge=0.5, description="Address-space limit (RLIMIT_AS, GB = 1e9 bytes) of each label worker and the code it "
-                                  "runs; a calculation that needs more fails as an error (MemoryError). null: no limit.")
+                                  "runs; a calculation that needs more fails as an error (MemoryError). It limits virtual memory: "
+                                  "leave it null for GPU oracles (CUDA reserves large address ranges). null: no limit.")
     fallback_parameters: list[dict[str, Any]] = Field(default_factory=list, description="Parameter overrides tried on retries.")
     max_force_warning: Bounded(1e6, "eV/Å") = Field(
         50.0, gt=0, description="Warn about labels whose largest force exceeds this (eV/Å; usually overlapping atoms); "
@@ -391,6 +414,74 @@ class LabellingConfig(_Model):
         return v
 
 
+class EOSGateConfig(_Model):
+    """Equation-of-state gate (alflow.gates): V0 and bulk modulus of the committee vs the oracle."""
+
+    structure: FilePath | None = Field(None, description="Structure file; null: the first system structure (supercell applied).")
+    strain: float = Field(0.04, gt=0, le=0.2, description="Linear strain range: lengths scaled by 1 + s, s in [-strain, strain].")
+    points: Bounded(101, kind=int) = Field(7, ge=5, description="Volumes on the E-V curve (oracle labels, paid once).")
+    eos: Literal["birchmurnaghan", "murnaghan", "vinet", "sj", "taylor", "antonschmidt", "p3"] = Field(
+        "birchmurnaghan", description="ase.eos.EquationOfState form.")
+    tol_volume: float = Field(0.01, gt=0, description="Tolerance on the relative error of the equilibrium volume.")
+    tol_bulk_modulus: float = Field(0.05, gt=0, description="Tolerance on the relative error of the bulk modulus.")
+    tol_energy: Bounded(100.0, "eV/atom") | None = Field(None, gt=0, description="Tolerance on the largest energy error on the curve (eV/atom); null: not checked.")
+
+
+class ElasticGateConfig(_Model):
+    """Elastic-constants gate (alflow.gates): clamped-ion C_ij by finite strain, committee vs oracle."""
+
+    structure: FilePath | None = Field(None, description="Structure file; null: the first system structure (supercell applied).")
+    delta: float = Field(0.01, gt=0, le=0.05, description="Strain of each of the 12 deformations (+-delta per Voigt component).")
+    tol: float | None = Field(0.1, gt=0, description="Tolerance on max |dC_ij| / max |C_ij| of the oracle; null: not checked.")
+    tol_gpa: Bounded(1e4, "GPa") | None = Field(None, gt=0, description="Tolerance on max |dC_ij| (GPa); null: not checked.")
+
+    @model_validator(mode="after")
+    def _some_tolerance(self) -> ElasticGateConfig:
+        if self.tol is None and self.tol_gpa is None:
+            raise _fail("set tol (relative) and/or tol_gpa", "tol", got=None)
+        return self
+
+
+class PhononGateConfig(_Model):
+    """Phonon gate (alflow.gates, needs phonopy): frequencies at q-points, committee vs oracle."""
+
+    structure: FilePath | None = Field(None, description="Unit cell file; null: the first system structure (supercell applied).")
+    supercell: tuple[int, int, int] = Field((2, 2, 2), description="Phonopy supercell of the structure.")
+    distance: float = Field(0.01, gt=0, le=0.1, description="Finite displacement (Å).")
+    qpoints: list[tuple[float, float, float]] = Field(
+        default_factory=lambda: [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.5, 0.5)], min_length=1,
+        description="q-points, fractional coordinates of the structure's reciprocal cell.")
+    tol_thz: float = Field(0.2, gt=0, description="Tolerance on the largest frequency error (THz).")
+
+    @field_validator("supercell")
+    @classmethod
+    def _supercell(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 1 or v[0] * v[1] * v[2] > 1000:
+            raise ValueError("expected 1 to 1000 repetitions in all, each >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _phonopy(self) -> PhononGateConfig:
+        import importlib.util
+
+        if importlib.util.find_spec("phonopy") is None:
+            raise _fail("the phonons gate needs the package phonopy, which is not installed: pip install phonopy "
+                        "(or pip install 'alflow[phonons]')", got="phonons")
+        return self
+
+
+class GatesConfig(_Model):
+    """Physics gates (alflow.gates, docs/convergence.md): the loop converges only when every configured gate holds."""
+
+    eos: EOSGateConfig | None = Field(None, description="Equation of state: V0 and bulk modulus vs the oracle.")
+    elastic: ElasticGateConfig | None = Field(None, description="Elastic constants vs the oracle.")
+    phonons: PhononGateConfig | None = Field(None, description="Phonon frequencies vs the oracle (phonopy).")
+
+    def configured(self) -> dict[str, Any]:
+        """name -> config of every gate that is set, in the gate table's order."""
+        return {name: spec for name in ("eos", "elastic", "phonons") if (spec := getattr(self, name)) is not None}
+
+
 class LoopConfig(_Model):
     """When the active-learning loop stops."""
 
@@ -398,6 +489,7 @@ class LoopConfig(_Model):
     max_labels: int | None = Field(None, ge=1, description="Stop once this many frames were labelled in total.")
     convergence_fraction: float = Field(0.99, gt=0, le=1, description="Converged when this fraction of explored frames is below selection.lower.")
     convergence_patience: int = Field(1, ge=1, description="Consecutive converged iterations required to stop.")
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons).")
 
 
 class ExecutionConfig(_Model):
