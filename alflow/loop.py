@@ -11,10 +11,11 @@ Run directory (``config.run_dir``)::
     iter_000/explore/  one scored extxyz per walker, walkers.json
     iter_000/select/   selected.extxyz, predictions.extxyz, summary.json, scores.json
     iter_000/label/    scratch/, failures.jsonl, labelled.jsonl, errors.json
+    iter_000/gate/     gates.json (every GateResult), labelling files of the gates' structures
     report.md, report.html, report/*.png     (alflow.report)
 
-State machine: ``initial``, then per iteration i ``train`` → ``explore`` →
-``select`` → (stop?) → ``label``. A stage is *finished* only once its record is in
+State machine: ``initial``, then per iteration i ``train`` → (``gate``, only with
+``loop.gates``) → ``explore`` → ``select`` → (stop?) → ``label``. A stage is *finished* only once its record is in
 ``state.json`` (written atomically: temp file, fsync, rename). ``LoopRun.run_stage``
 returns the record of a finished stage without running anything; otherwise the
 stage's directory is emptied and the stage computed from scratch, so a kill at
@@ -26,7 +27,8 @@ Stopping is decided after ``select`` of iteration i, with the current config:
 ``converged`` when the last ``convergence_patience`` iterations each had an
 accurate fraction (explored frames below ``selection.lower``, and below
 ``selection.energy_lower`` when set) ≥ ``convergence_fraction`` with every walker
-finishing its steps; else ``max_labels`` when the oracle labels of the run
+finishing its steps, and every configured gate (``loop.gates``, ``alflow.gates``) held in
+those iterations; else ``max_labels`` when the oracle labels of the run
 (initial rattle included, imported frames not) reach ``loop.max_labels``; else
 ``max_iterations`` at i = max_iterations − 1. A stopping iteration does not
 label: the final model is the committee of that iteration, which the
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from alflow.errors import InputError, RuntimeFailure
-from alflow.results import STAGES, Explored, Initial, Labelled, RunSummary, Selected, Trained
+from alflow.results import STAGES, Explored, Gated, Initial, Labelled, RunSummary, Selected, Trained
 from alflow.config import (
     ConfigError,
     LoopConfig,
@@ -142,11 +144,42 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- convergence
 
 
-def is_converged(row: dict[str, Any], loop: LoopConfig) -> bool:
-    """One iteration is converged: accurate fraction ≥ convergence_fraction and every walker DONE."""
+def explored_converged(row: dict[str, Any], loop: LoopConfig) -> bool:
+    """The explored-frame criterion: accurate fraction ≥ convergence_fraction and every walker DONE."""
     statuses = row.get("walker_status") or {}
     all_done = bool(statuses) and set(statuses) == {DONE_STATUS}
     return row.get("n_explored", 0) > 0 and row["accurate_fraction"] >= loop.convergence_fraction and all_done
+
+
+def gates_held(row: dict[str, Any], loop: LoopConfig) -> bool:
+    """Every gate configured in ``loop.gates`` held in this iteration (``row['gates']``); True without gates."""
+    done = row.get("gates") or {}
+    return all((done.get(name) or {}).get("passed") is True for name in loop.gates.configured())
+
+
+def is_converged(row: dict[str, Any], loop: LoopConfig) -> bool:
+    """One iteration is converged: the explored-frame criterion holds and so does every configured gate."""
+    return explored_converged(row, loop) and gates_held(row, loop)
+
+
+def gate_fields(gate: Gated | dict | None) -> dict[str, Any]:
+    """The metrics.jsonl fields of one iteration's gate stage: per gate passed, errors, tolerances, ratio."""
+    if gate is None:
+        return {}
+    gate = Gated.from_dict(gate)
+    return {"gates": {g["name"]: {k: g.get(k) for k in ("passed", "errors", "tolerances", "ratio", "message")}
+                      for g in gate.gates},
+            "gates_passed": gate.passed, "gate_labels": gate.n_labelled,
+            "seconds_gate": gate.seconds}
+
+
+def describe_gates(row: dict[str, Any]) -> str:
+    """'eos held (...), elastic FAILED (...)' for a log line (alflow.gates.GateResult.describe)."""
+    from alflow.gates import GateResult
+
+    return "; ".join(GateResult(name=n, passed=bool(g.get("passed")), errors=g.get("errors") or {},
+                                tolerances=g.get("tolerances") or {}, message=g.get("message") or "").describe()
+                     for n, g in (row.get("gates") or {}).items())
 
 
 def stop_reason(history: list[dict[str, Any]], loop: LoopConfig, labels_total: int) -> str | None:
@@ -168,8 +201,11 @@ def stop_reason(history: list[dict[str, Any]], loop: LoopConfig, labels_total: i
 
 
 def iteration_row(iteration: int, train: Trained | dict, explore: Explored | dict, select: Selected | dict,
-                  label: Labelled | dict | None, labels_before: int, loop: LoopConfig) -> dict[str, Any]:
-    """The metrics.jsonl row of one iteration from its stage results (typed, or their stored dicts; eV, eV/Å, s)."""
+                  label: Labelled | dict | None, labels_before: int, loop: LoopConfig,
+                  gate: Gated | dict | None = None) -> dict[str, Any]:
+    """The metrics.jsonl row of one iteration from its stage results (typed, or their stored dicts; eV, eV/Å, s).
+
+    ``labels_before``: oracle labels before this iteration's labelling (the gate stage's included)."""
     train, explore, select = Trained.from_dict(train), Explored.from_dict(explore), Selected.from_dict(select)
     label = Labelled.from_dict(label) if label is not None else None
     n = select.n_frames
@@ -198,9 +234,25 @@ def iteration_row(iteration: int, train: Trained | dict, explore: Explored | dic
         "seconds": {"train": train.seconds, "explore": explore.seconds, "select": select.seconds,
                     "label": label.seconds if label else 0.0},
     }
+    row.update(calibration_row(train, label))
+    row.update(gate_fields(gate))
+    row["explored_converged"] = explored_converged(row, loop)
     row["converged"] = is_converged(row, loop)
     row["stop"] = None
     return row
+
+
+def calibration_row(train: Trained, label: Labelled | None) -> dict[str, Any]:
+    """Calibration metrics of one iteration (alflow.calibration): on the frames labelled in it (held out from
+    the map: ``calib_*`` after, ``calib_*_raw`` before) and the trust-window coverage on the validation frames."""
+    held = (label.calibration if label is not None else {}) or {}
+    after, before = held.get("calibrated") or {}, held.get("raw") or {}
+    valid = ((train.calibration or {}).get("valid") or {}).get("calibrated") or {}
+    return {"calib_spearman": after.get("spearman"), "calib_spearman_raw": before.get("spearman"),
+            "calib_miscalibration_area": after.get("miscalibration_area"),
+            "calib_miscalibration_area_raw": before.get("miscalibration_area"),
+            "calib_nll": after.get("nll"), "calib_nll_raw": before.get("nll"),
+            "trust_coverage": valid.get("coverage"), "trust_coverage_frames": valid.get("n_trusted")}
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -382,6 +434,11 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
             run.run_stage("train", i, {"species": list(initial.species), "init_from": init_from}, executor))
         say(f"iteration {i}: trained on {train.n_frames} frames in {train.seconds:.1f} s, "
             f"valid force RMSE {train.valid.get('forces_rmse', float('nan')):.4f} eV/Å, alpha {train.alpha:.3g}")
+        gate = None
+        if cfg.loop.gates.configured():  # the oracle labels of the gates count in the budget (paid once)
+            gate = Gated.from_dict(run.run_stage("gate", i, {"model": run.path(train.committee),
+                                                              "retry_failed": run.failed_before("gate", i)}, executor))
+            labels_total += gate.n_labelled
         explore = Explored.from_dict(run.run_stage("explore", i, {"model": run.path(train.committee)}, executor))
         budget = cfg.selection.max_per_iteration
         if cfg.loop.max_labels is not None:
@@ -389,21 +446,25 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
         trajectories = [run.path(w.trajectory) for w in explore.walkers if w.frames > 0]
         select = Selected.from_dict(
             run.run_stage("select", i, {"trajectories": trajectories, "budget": budget}, executor))
-        row = iteration_row(i, train, explore, select, None, labels_total, cfg.loop)
+        row = iteration_row(i, train, explore, select, None, labels_total, cfg.loop, gate)
         say(f"iteration {i}: {select.n_frames} frames explored ({dict(explore.statuses)}), accurate "
             f"{row['accurate_fraction']:.1%}, candidates {row['candidate_fraction']:.1%}, "
             f"failed {row['failed_fraction']:.1%}; {select.n_selected} selected")
+        if gate is not None:
+            say(f"iteration {i}: gates ({gate.n_labelled} new oracle labels): {describe_gates(row)}; explored-frame "
+                f"criterion {'held' if row['explored_converged'] else 'not met'}")
         reason = stop_reason(history + [row], cfg.loop, labels_total)
         if reason is not None and run.record("label", i) is None:
             run.finish_iteration(row, stop=reason, final_model=train.committee)
-            say(f"stopped after iteration {i}: {reason}; final model {run.path(train.committee)}")
+            held = f" (explored frames and gates: {describe_gates(row)})" if gate is not None else ""
+            say(f"stopped after iteration {i}: {reason}{held}; final model {run.path(train.committee)}")
             return run.summary()
         label = Labelled.from_dict(run.run_stage("label", i, {"selected": run.path(select.selected),
                                                               "predictions": run.path(select.predictions),
                                                               "retry_failed": run.failed_before("label", i)},
                                                  executor))
         labels_total += label.n_labelled
-        row = iteration_row(i, train, explore, select, label, labels_total - label.n_labelled, cfg.loop)
+        row = iteration_row(i, train, explore, select, label, labels_total - label.n_labelled, cfg.loop, gate)
         say(f"iteration {i}: {label.n_labelled} labels added, {label.n_failed} failed; dataset "
             f"{label.dataset_size} frames")
         history.append(row)

@@ -35,6 +35,7 @@ from alflow.results import Explored, Initial
 FIGURES = {
     "learning_curve": "Learning curve",
     "uncertainty_vs_error": "Uncertainty vs true error on the labelled frames",
+    "calibration": "Calibration: predicted vs true max force error, before and after, per iteration",
     "uncertainty_histograms": "Max force deviation of the explored frames",
     "walker_status": "Walker stop statuses",
 }
@@ -130,6 +131,40 @@ def plot_uncertainty_vs_error(errors: dict[int, list[dict[str, Any]]], lower: fl
     return _png(fig)
 
 
+def plot_calibration(errors: dict[int, list[dict[str, Any]]], lower: float) -> bytes | None:
+    """Two log-log panels per labelled frame: raw (α = 1) and calibrated max force deviation at selection time
+    vs the true max force error (eV/Å), coloured by iteration; the diagonal is perfect calibration."""
+    panels = {"raw_max_force_deviation": "before: raw committee deviation (alpha = 1)",
+              MAX_FORCE_DEVIATION: "after: calibrated deviation (the map in force)"}
+    data = {key: {i: [(e[key], e["max_force_error"]) for e in rows if e.get(key) and e[key] > 0
+                      and e.get("max_force_error") and e["max_force_error"] > 0] for i, rows in errors.items()}
+            for key in panels}
+    if not any(p for d in data.values() for p in d.values()):
+        return None
+    values = np.array([v for d in data.values() for p in d.values() for pair in p for v in pair])
+    lo, hi = values.min() / 2, values.max() * 2
+    fig = _figure(11.0, 4.5)
+    for k, (key, title) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, 2, k + 1)
+        pairs = {i: p for i, p in data[key].items() if p}
+        for colour, (i, p) in zip(_colours(len(pairs)), sorted(pairs.items()), strict=True):
+            ax.scatter([a for a, _ in p], [b for _, b in p], color=colour, s=16, label=f"iteration {i}")
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="error = deviation")
+        if lo < lower < hi:
+            ax.axvline(lower, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted max force deviation (eV/Å)")
+        ax.set_ylabel("true max force error (eV/Å)")
+        ax.grid(alpha=0.3, which="both")
+        if pairs:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def plot_uncertainty_histograms(scores: dict[int, list[float]], lower: float, upper: float) -> bytes | None:
     """Histogram of log max force deviation of every explored frame, one line per iteration."""
     data = {i: np.array([v for v in vals if v is not None and np.isfinite(v) and v > 0]) for i, vals in scores.items()}
@@ -151,6 +186,51 @@ def plot_uncertainty_histograms(scores: dict[int, list[float]], lower: float, up
     ax.set_ylabel("explored frames")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def plot_gate(rows: list[dict[str, Any]], name: str) -> bytes | None:
+    """One physics gate (alflow.gates): each checked error / its tolerance vs oracle labels, log y; 1 = the limit."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        g = (r.get("gates") or {}).get(name) or {}
+        for key, tol in (g.get("tolerances") or {}).items():
+            err = (g.get("errors") or {}).get(key)
+            if err is not None and tol:
+                series.setdefault(key, []).append((r["labels_total"], max(err / tol, 1e-6)))
+    if not series:
+        return None
+    fig = _figure(6.0, 3.5)
+    ax = fig.add_subplot()
+    for key, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=key)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.text(0.0, 1.0, " tolerance", transform=ax.get_yaxis_transform(), fontsize=8, va="bottom", color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("oracle labels of the run")
+    ax.set_ylabel("error / tolerance")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def gate_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the gates table: per iteration and gate, held/FAILED and each error vs tolerance."""
+    head = ["iter", "labels", "gate", "held", "errors (vs tolerance)", "model", "oracle"]
+    body = []
+    for r in rows:
+        for name, g in (r.get("gates") or {}).items():
+            errs, tols = g.get("errors") or {}, g.get("tolerances") or {}
+            text = ", ".join(f"{k} {_fmt(v, '.3g')}" + (f" (<= {_fmt(tols[k], '.3g')})" if k in tols else "")
+                             for k, v in errs.items()) or (g.get("message") or "")
+            body.append([str(r["iteration"]), str(r["labels_total"]), name, "held" if g.get("passed") else "FAILED",
+                         text, _gate_summary(g.get("model")), _gate_summary(g.get("reference"))])
+    return head, body
+
+
+def _gate_summary(values: dict[str, Any] | None) -> str:
+    """The scalar values of a gate's property (V0, B, C11, ...), for the table."""
+    return ", ".join(f"{k} {_fmt(float(v), '.4g')}" for k, v in (values or {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def plot_walker_status(statuses: dict[int, dict[str, int]]) -> bytes | None:
@@ -191,7 +271,9 @@ def iteration_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     """Header and rows of the per-iteration table (fractions in %, E in meV/atom, F in eV/Å, times in s)."""
     head = ["iter", "frames trained", "explored", "accurate %", "candidate %", "failed %", "selected", "labels added",
             "label failures", "valid E MAE meV/atom", "valid F RMSE eV/Å", "new-frame F RMSE eV/Å", "alpha",
-            "train s", "train epochs", "explore s", "label s", "walkers", "stop"]
+            "train s", "train epochs", "explore s", "label s",
+            "new-frame miscal. area raw/cal", "new-frame NLL raw/cal", "new-frame Spearman", "trust coverage %",
+            "walkers", "stop"]
     body = []
     for r in rows:
         sec = r.get("seconds", {})
@@ -203,6 +285,9 @@ def iteration_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
                      _fmt(r.get("new_forces_rmse")), _fmt(r.get("alpha"), ".3g"), _fmt(sec.get("train"), ".1f"),
                      _fmt(r.get("train_epochs")),
                      _fmt(sec.get("explore"), ".1f"), _fmt(sec.get("label"), ".1f"),
+                     f"{_fmt(r.get('calib_miscalibration_area_raw'), '.2f')}/{_fmt(r.get('calib_miscalibration_area'), '.2f')}",
+                     f"{_fmt(r.get('calib_nll_raw'), '.2f')}/{_fmt(r.get('calib_nll'), '.2f')}",
+                     _fmt(r.get("calib_spearman"), ".2f"), _fmt(r.get("trust_coverage"), ".0f", 100),
                      " ".join(f"{k}:{v}" for k, v in sorted(r.get("walker_status", {}).items())), r.get("stop") or ""])
     return head, body
 
@@ -274,7 +359,10 @@ def render_markdown(data: dict[str, Any], figures: dict[str, str] | None = None)
     lines += ["", "## Iterations", ""]
     head, body = iteration_table(data["rows"])
     lines += [_md_table(head, body) if body else "No finished iteration yet.", ""]
-    for name, title in FIGURES.items():
+    gate_head, gate_body = gate_table(data["rows"])
+    if gate_body:
+        lines += ["## Convergence gates", "", _md_table(gate_head, gate_body), ""]
+    for name, title in _figure_titles(data["rows"]).items():
         if figures is not None and name in figures:
             lines += [f"## {title}", "", f"![{title}]({figures[name]})", ""]
     return "\n".join(lines)
@@ -287,7 +375,10 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     head, body = iteration_table(data["rows"])
     parts = [f"<h1>{title}</h1>", f"<table class='summary'>{summary}</table>", "<h2>Iterations</h2>",
              _html_table(head, body) if body else "<p>No finished iteration yet.</p>"]
-    for name, fig_title in FIGURES.items():
+    gate_head, gate_body = gate_table(data["rows"])
+    if gate_body:
+        parts += ["<h2>Convergence gates</h2>", _html_table(gate_head, gate_body)]
+    for name, fig_title in _figure_titles(data["rows"]).items():
         if name in pngs:
             b64 = base64.b64encode(pngs[name]).decode()
             parts += [f"<h2>{html.escape(fig_title)}</h2>",
@@ -299,13 +390,24 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
             f"<body>{''.join(parts)}</body></html>\n")
 
 
+def _gate_names(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(n for r in rows for n in (r.get("gates") or {})))
+
+
+def _figure_titles(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """FIGURES plus one ``gate_<name>`` figure per gate that appears in the rows."""
+    return {**FIGURES, **{f"gate_{n}": f"Gate {n}: error / tolerance vs labels" for n in _gate_names(rows)}}
+
+
 def make_figures(data: dict[str, Any]) -> dict[str, bytes]:
     """PNG bytes of every figure that has data."""
     out = {
         "learning_curve": plot_learning_curve(data["rows"]),
         "uncertainty_vs_error": plot_uncertainty_vs_error(data["errors"], data["lower"], data["upper"]),
+        "calibration": plot_calibration(data["errors"], data["lower"]),
         "uncertainty_histograms": plot_uncertainty_histograms(data["scores"], data["lower"], data["upper"]),
         "walker_status": plot_walker_status(data["statuses"]),
+        **{f"gate_{n}": plot_gate(data["rows"], n) for n in _gate_names(data["rows"])},
     }
     return {k: v for k, v in out.items() if v is not None}
 

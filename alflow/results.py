@@ -117,6 +117,22 @@ class Trained(StageResult):
     train: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
     members: tuple[dict[str, Any], ...] = ()
+    calibration: dict[str, Any] = field(default_factory=dict)  # the fit (alflow.calibration): map, data, metrics
+
+
+@dataclass(frozen=True)
+class Gated(StageResult):
+    """The physics gates of one iteration (``alflow.gates``): each gate's result dict (``GateResult.to_dict``),
+    whether all held, and the oracle labels the gates bought in this stage (paid once: the same structures
+    every iteration, so later iterations find them in the dataset)."""
+
+    stage: ClassVar[str] = "gate"
+    gates: tuple[dict[str, Any], ...] = ()
+    passed: bool = False
+    n_frames: int = 0  # gate structures, all gates
+    n_labelled: int = 0  # new oracle labels in this stage (counted in the budget, kept in the dataset)
+    n_failed: int = 0
+    dataset_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,10 +174,12 @@ class Labelled(StageResult):
     dataset_size: int = 0
     forces_rmse: float | None = None
     max_force_error: float | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)  # metrics on these frames before/after calibration
 
 
 # The stage table: name -> result type, in the loop's order.
-RESULTS: dict[str, type[StageResult]] = {cls.stage: cls for cls in (Initial, Trained, Explored, Selected, Labelled)}
+RESULTS: dict[str, type[StageResult]] = {cls.stage: cls for cls in (Initial, Trained, Gated, Explored, Selected,
+                                                                    Labelled)}
 STAGES: tuple[str, ...] = tuple(RESULTS)
 
 

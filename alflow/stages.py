@@ -26,7 +26,9 @@ import numpy as np
 from alflow.config import RunConfig, load_config
 from alflow.loop import CONFIG, StageError, atomic_write_text, stage_key
 from alflow.loop import json_text
-from alflow.results import Explored, Initial, Labelled, Selected, StageResult, Trained, WalkerRecord
+from alflow.results import Explored, Gated, Initial, Labelled, Selected, StageResult, Trained, WalkerRecord
+
+CALIBRATION_FILE = "calibration.json"  # alflow.calibration.FILE: the fitted map next to committee.pt
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,8 @@ def compute_stage(run_dir: str | os.PathLike, stage: str, iteration: int | None,
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fn = {"initial": _initial, "train": _train, "explore": _explore, "select": _select, "label": _label}[stage]
+    fn = {"initial": _initial, "train": _train, "gate": _gate, "explore": _explore, "select": _select,
+          "label": _label}[stage]
     result: StageResult = fn(config, run_dir, out, iteration, inputs, progress)
     return dataclasses.replace(result, seconds=time.perf_counter() - t0).to_dict()
 
@@ -128,7 +131,6 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     import torch
 
     import potentials
-    from alflow.committee import calibrate_if_enough
     from alflow.data import Dataset
     from alflow.keys import FRAME_HASH
     from alflow.train import train_committee
@@ -145,11 +147,12 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap,
                              device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed, out_dir=out,
                              progress=progress, init_from=init_from, stable_split=True)
-    alpha, note = 1.0, None
+    alpha, note, calibration = 1.0, None, {}
     if cfg.committee.calibrate:
         committee.eval()
-        alpha, note = calibrate_if_enough(committee, [frames[k] for k in result.valid_idx],
-                                          cfg.committee.calibration_min_frames)
+        cmap, calibration = _recalibrate(cfg, run_dir, iteration, committee, [frames[k] for k in result.valid_idx])
+        alpha, note = cmap.alpha, cmap.note
+        cmap.save(out / CALIBRATION_FILE)
         if note:
             log.warning("iteration %s: %s", iteration, note)
     potentials.save(committee, out / "committee.pt")
@@ -160,7 +163,102 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
                    train_epochs=sum(m.epochs for m in result.members), members_mode=result.extra.get("members_mode"),
                    valid=metrics.get("valid", {}), train=metrics.get("train", {}), test=metrics.get("test", {}),
                    members=tuple({"epochs": m.epochs, "best_epoch": m.best_epoch, "stop_reason": m.stop_reason,
-                                  "seconds": m.seconds} for m in result.members))
+                                  "seconds": m.seconds} for m in result.members), calibration=calibration)
+
+
+def _recalibrate(cfg: RunConfig, run_dir: Path, iteration: int, committee: Any, valid: list) -> tuple[Any, dict]:
+    """Refit the calibration map on the validation frames and every frame labelled in earlier iterations."""
+    from alflow.calibration import PAIRS_FILE, read_pairs, recalibrate
+
+    history = [read_pairs(p) for j in range(iteration)
+               if (p := run_dir / stage_key("label", j) / PAIRS_FILE).is_file()]
+    c = cfg.committee
+    return recalibrate(committee, valid, history, iteration, kind=c.calibration, decay=c.calibration_decay,
+                       min_atoms=c.calibration_min_atoms, min_frames=c.calibration_min_frames,
+                       lower=cfg.selection.lower, target=c.trust_target)
+
+
+def _calibrate_frames(frames: list, path: Path) -> None:
+    """Apply the iteration's calibration map (``path``) to scored frames in place: per-atom and max deviation.
+
+    The raw (α = 1) deviations are kept (``raw_force_deviation``, ``raw_max_force_deviation``) for the
+    calibration pairs of the label stage. Without a map the engine's α-scaled scores stay as they are.
+    """
+    from alflow.calibration import RAW_FORCE_DEVIATION, RAW_MAX_FORCE_DEVIATION, CalibrationMap
+    from alflow.explore.frames import ALPHA
+    from alflow.keys import FORCE_DEVIATION, MAX_FORCE_DEVIATION
+
+    cmap = CalibrationMap.load(path) if path.is_file() else None
+    for atoms in frames:
+        if FORCE_DEVIATION not in atoms.arrays:
+            continue
+        raw = np.asarray(atoms.arrays[FORCE_DEVIATION], float) / float(atoms.info.get(ALPHA, 1.0))
+        atoms.arrays[RAW_FORCE_DEVIATION] = raw
+        atoms.info[RAW_MAX_FORCE_DEVIATION] = float(raw.max()) if raw.size else 0.0
+        if cmap is not None and raw.size:
+            calibrated = cmap.apply(raw, atoms.numbers)
+            atoms.arrays[FORCE_DEVIATION] = calibrated
+            atoms.info[MAX_FORCE_DEVIATION] = float(calibrated.max())
+
+
+def gate_structure(cfg: RunConfig, spec: Any) -> Any:
+    """The structure a gate starts from: ``spec.structure``, else the first system structure (Å)."""
+    from alflow.explore.runner import system_structures
+    from alflow.explore.structures import read_structure
+
+    return read_structure(spec.structure) if spec.structure is not None else system_structures(cfg.system)[0]
+
+
+def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Gated:
+    """Evaluate every configured gate (``loop.gates``, ``alflow.gates``) with the committee ``inputs['model']``.
+
+    The oracle half goes through labelling: the gates' structures are labelled into the dataset (counted
+    in the budget, kept for training) and the reference property is computed from those labels; the
+    structures are the same every iteration, so only the first evaluation pays the oracle. Writes
+    ``gates.json`` (every GateResult) in the stage directory.
+    """
+    from alflow import gates as G
+    from alflow.calculator import AlflowCalculator
+    from alflow.data import Dataset
+    from alflow.io import frame_hash
+    from alflow.keys import FRAME_HASH, ITERATION, SOURCE
+
+    ds = Dataset(run_dir / "dataset")
+    specs = cfg.loop.gates.configured()
+    todo = {}
+    for name, spec in specs.items():
+        atoms = gate_structure(cfg, spec)
+        frames = G.structures(name, spec, atoms)
+        for a in frames:
+            a.info.update({SOURCE: f"gate:{name}", ITERATION: iteration})
+        todo[name] = (spec, atoms, frames)
+    every = [a for _, _, frames in todo.values() for a in frames]
+    hashes = {frame_hash(a) for a in every}
+    before = len(hashes & ds.hashes)
+    counts = _label_into(every, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+    by_hash = {a.info[FRAME_HASH]: a for a in ds.frames() if a.info.get(FRAME_HASH) in hashes}
+    calc = AlflowCalculator(inputs["model"], device=cfg.execution.device)
+    results = []
+    for name, (spec, atoms, frames) in todo.items():
+        labelled = [by_hash.get(frame_hash(a)) for a in frames]
+        missing = sum(a is None for a in labelled)
+        if missing:
+            results.append(G.GateResult(name=name, passed=False, errors={}, tolerances={}, message=(
+                f"{missing} of {len(frames)} gate structures have no oracle label (see {out / 'failures.jsonl'})")))
+            continue
+        try:
+            reference = G.quantity(name, spec, atoms, G.from_labels(labelled))
+            model = G.quantity(name, spec, atoms, G.evaluate(frames, calc, stress=name == "elastic"))
+            results.append(G.compare(name, spec, model, reference))
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:  # e.g. an E-V fit without a minimum
+            results.append(G.GateResult(name=name, passed=False, errors={}, tolerances={},
+                                        message=f"{type(err).__name__}: {err}"[:500]))
+    for r in results:
+        log.info("iteration %s: gate %s", iteration, r.describe())
+    atomic_write_text(out / "gates.json", json_text([r.to_dict() for r in results]))
+    return Gated(gates=tuple(r.to_dict() for r in results), passed=all(r.passed for r in results),
+                 n_frames=len(hashes), n_labelled=len(hashes & ds.hashes) - before,
+                 n_failed=counts["n_failed"], dataset_size=len(ds))
 
 
 def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Explored:
@@ -195,6 +293,8 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
     for trajectory in trajectories:
         for atoms in trajectory:
             atoms.info[ITERATION] = iteration
+        if cfg.committee.calibrate:
+            _calibrate_frames(trajectory, run_dir / stage_key("train", iteration) / CALIBRATION_FILE)
     selection = select_frames(trajectories, cfg.selection, Dataset(run_dir / "dataset"), seed=cfg.seed + iteration,
                               budget=inputs["budget"])
     selected = predictions = None
@@ -249,6 +349,7 @@ def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, A
         rows.append({
             "frame_hash": h, "walker": str(atoms.info.get(WALKER, "")), "step": int(atoms.info.get(STEP, -1)),
             MAX_FORCE_DEVIATION: finite(atoms.info.get(MAX_FORCE_DEVIATION, np.nan)),
+            "raw_max_force_deviation": finite(atoms.info.get("raw_max_force_deviation", np.nan)),
             ENERGY_DEVIATION_PER_ATOM: finite(atoms.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)),
             "max_force_error": float(np.linalg.norm(diff, axis=1).max()),
             "force_rmse": float(np.sqrt(np.mean(diff**2))),
@@ -276,9 +377,46 @@ def _label(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
                          "failed frames are tried again")
     predicted = inputs.get("predictions")
     predicted = ase.io.read(predicted, index=":", format="extxyz") if predicted and Path(predicted).is_file() else []
-    errors = prediction_errors(predicted, ds.frames()) if predicted else []
+    dataset_frames = ds.frames() if predicted else []
+    errors = prediction_errors(predicted, dataset_frames) if predicted else []
     atomic_write_text(out / "errors.json", json_text(errors))
     n_comp = sum(e["n_components"] for e in errors)
+    calibration = _label_pairs(cfg, run_dir, out, iteration, predicted, dataset_frames)
     return Labelled(**counts, dataset_size=len(ds),
                     forces_rmse=float(np.sqrt(sum(e["sq_sum"] for e in errors) / n_comp)) if n_comp else None,
-                    max_force_error=max((e["max_force_error"] for e in errors), default=None))
+                    max_force_error=max((e["max_force_error"] for e in errors), default=None),
+                    calibration=calibration)
+
+
+def _label_pairs(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, predicted: list,
+                 dataset_frames: list) -> dict[str, Any]:
+    """Per-atom (raw deviation at selection, true error) pairs of the newly labelled frames -> ``calibration_pairs.json``;
+    returns the calibration metrics on them before (α = 1) and after the iteration's map (held out from its fit)."""
+    from alflow.calibration import PAIRS_FILE, RAW_FORCE_DEVIATION, CalibrationMap, atom_pairs, metrics, write_pairs
+    from alflow.explore.frames import ALPHA
+    from alflow.io import frame_hash
+    from alflow.keys import FORCE_DEVIATION, FRAME_HASH, PRED_FORCES, REF_FORCES
+
+    by_hash = {a.info[FRAME_HASH]: a for a in dataset_frames}
+    raw, err, num, idx = [], [], [], []
+    for atoms in predicted:
+        ref = by_hash.get(frame_hash(atoms))
+        if ref is None or PRED_FORCES not in atoms.arrays or (
+                RAW_FORCE_DEVIATION not in atoms.arrays and FORCE_DEVIATION not in atoms.arrays):
+            continue
+        eps = (atoms.arrays[RAW_FORCE_DEVIATION] if RAW_FORCE_DEVIATION in atoms.arrays
+               else np.asarray(atoms.arrays[FORCE_DEVIATION], float) / float(atoms.info.get(ALPHA, 1.0)))
+        x, e = atom_pairs(atoms.arrays[PRED_FORCES], ref.arrays[REF_FORCES], eps)
+        raw.append(x)
+        err.append(e)
+        num.append(np.asarray(atoms.numbers))
+        idx.append(np.full(len(atoms), len(idx)))
+    if not raw:
+        return {}
+    pairs = {"raw": np.concatenate(raw), "error": np.concatenate(err), "numbers": np.concatenate(num),
+             "frame": np.concatenate(idx)}
+    write_pairs(out / PAIRS_FILE, pairs, iteration)
+    path = run_dir / stage_key("train", iteration) / CALIBRATION_FILE
+    cmap = CalibrationMap.load(path) if path.is_file() else None
+    target = cfg.committee.trust_target or cfg.selection.lower
+    return metrics(pairs["raw"], pairs["error"], pairs["numbers"], pairs["frame"], cmap, cfg.selection.lower, target)

@@ -144,3 +144,27 @@ def test_a_wrong_alpha_is_corrected_after_one_iteration(tmp_path):
     # the labelled frames' metrics: the wrong α was overconfident there (held out from the fit)
     assert label["calibration"]["calibrated"]["miscalibration_area"] > 0.2
     assert Path(run_dir / "iter_000" / "label" / "errors.json").is_file()
+
+
+def test_select_stage_applies_the_map_to_scored_frames(tmp_path):
+    """Selection thresholds see calibrated deviations: the per-element map replaces the engine's α-scaled
+    deviation (per atom and max); the raw ones (α = 1) are kept for the calibration pairs."""
+    from ase.build import bulk
+
+    from alflow import keys
+    from alflow.explore.frames import scored_frame
+    from alflow.stages import _calibrate_frames
+
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+    atoms.numbers[:2] = 79
+    raw = np.array([0.1, 0.2, 0.05, 0.3])
+    engine_alpha = 2.0
+    scores = {keys.MAX_FORCE_DEVIATION: engine_alpha * raw.max(), keys.ENERGY_DEVIATION_PER_ATOM: 0.0,
+              "energy": 0.0, "forces": np.zeros((4, 3)), "force_deviation": engine_alpha * raw}
+    frame = scored_frame(atoms, scores, 0, "w", 300.0, alpha=engine_alpha)
+    cmap = cal.CalibrationMap(alpha=2.0, alphas={79: 5.0, 29: 1.0})
+    _calibrate_frames([frame], cmap.save(tmp_path / cal.FILE))
+    assert frame.arrays[cal.RAW_FORCE_DEVIATION] == pytest.approx(raw)
+    assert frame.arrays[keys.FORCE_DEVIATION] == pytest.approx([0.5, 1.0, 0.05, 0.3])
+    assert frame.info[keys.MAX_FORCE_DEVIATION] == pytest.approx(1.0)
+    assert frame.info[cal.RAW_MAX_FORCE_DEVIATION] == pytest.approx(0.3)
