@@ -112,6 +112,7 @@ class AIMNet2(Potential):
     """
 
     architecture = "aimnet2"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

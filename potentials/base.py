@@ -64,6 +64,9 @@ class Potential(nn.Module):
 
     architecture: ClassVar[str] = "base"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "free_energy", "forces", "stress")
+    # the submodule (dotted name) mapping per-atom features (N, F) to the unit-less per-atom output (N, 1), added
+    # into atomic_energies once per call; None: no single readout (no shallow committee, potentials/shallow.py)
+    readout_module: ClassVar[str | None] = None
 
     def __init__(self, species: Sequence[int | str], cutoff: float) -> None:
         super().__init__()

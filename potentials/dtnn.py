@@ -56,6 +56,7 @@ class DTNN(Potential):
     """
 
     architecture = "dtnn"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class PaiNN(Potential):
     """
 
     architecture = "painn"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

@@ -116,6 +116,7 @@ class SAKE(Potential):
     """
 
     architecture = "sake"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ class SchNet(Potential):
     """
 
     architecture = "schnet"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

@@ -150,6 +150,7 @@ class TensorNet(Potential):
     """
 
     architecture = "tensornet"
+    readout_module = "readout"  # the shallow committee's heads (potentials/shallow.py)
 
     def __init__(
         self,

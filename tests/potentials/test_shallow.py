@@ -1,0 +1,121 @@
+"""The shallow committee (potentials/shallow.py) against the contract, for every architecture with a readout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+import potentials
+from alflow import keys
+from alflow.graph import atoms_to_batch
+from potentials.committee import Committee
+from potentials.registry import CheckpointError
+from potentials.shallow import ShallowCommittee, supported
+from conftest import build_small, cu_ni_rattled
+
+SUPPORTED = supported()
+
+
+def test_every_registry_architecture_is_classified():
+    """The architectures with one additive readout declare it (a new one must state it or stay unsupported)."""
+    assert set(SUPPORTED) == {"schnet", "painn", "dtnn", "sake", "tensornet", "aimnet2"}
+    with pytest.raises(ValueError, match="declares no readout.*schnet"):
+        ShallowCommittee(build_small("physnet"), 4)
+
+
+def predict(model, frames, stress=True) -> dict[str, np.ndarray]:
+    batch = atoms_to_batch(frames, model.cutoff, dtype=torch.float64)
+    out = model(batch, forces=True, stress=stress)
+    return {k: v.detach().double().numpy() for k, v in out.items()}
+
+
+def close(got, ref, rel=1e-9):
+    ref = np.asarray(ref, dtype=float)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=rel * max(np.abs(ref).max(initial=0.0), 1e-300))
+
+
+@pytest.fixture(params=SUPPORTED)
+def shallow(request) -> ShallowCommittee:
+    return ShallowCommittee(build_small(request.param), 3, seed=1).eval()
+
+
+def test_heads_forces_are_each_heads_gradient(shallow):
+    """forces_comm[k] = -dE^k/dr by finite differences; the heads differ; mean and keys as Committee's."""
+    atoms = cu_ni_rattled()
+    out = predict(shallow, atoms)
+    assert out[keys.ENERGIES].shape == (3, 1) and out[keys.FORCES_COMM].shape == (3, 4, 3)
+    assert out[keys.STRESS_COMM].shape == (3, 1, 3, 3)
+    assert np.ptp(out[keys.ENERGIES][:, 0]) > 1e-6 * np.abs(out[keys.ENERGIES]).max()  # heads initialised differently
+    assert out[keys.MAX_FORCE_DEVIATION][0] > 0
+    close(out[keys.FORCES], out[keys.FORCES_COMM].mean(0), 1e-12)
+    h = 1e-5
+    for atom, axis in ((0, 0), (2, 1)):
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[atom, axis] += h
+        minus.positions[atom, axis] -= h
+        fd = -(predict(shallow, plus, False)[keys.ENERGIES][:, 0] - predict(shallow, minus, False)[keys.ENERGIES][:, 0]) / (2 * h)
+        close(out[keys.FORCES_COMM][:, atom, axis], fd, 1e-6)
+
+
+def test_rotation_invariance(shallow, rotation):
+    atoms = cu_ni_rattled()
+    ref = predict(shallow, atoms)
+    rotated = Atoms(atoms.numbers, positions=atoms.positions @ rotation.T, cell=atoms.cell.array @ rotation.T, pbc=True)
+    got = predict(shallow, rotated)
+    close(got[keys.ENERGIES], ref[keys.ENERGIES])
+    close(got[keys.FORCES_COMM], ref[keys.FORCES_COMM] @ rotation.T)
+    close(got[keys.MAX_FORCE_DEVIATION], ref[keys.MAX_FORCE_DEVIATION])
+    close(got[keys.STRESS][0], rotation @ ref[keys.STRESS][0] @ rotation.T)
+
+
+def test_batch_equals_one_by_one(shallow, three_structures):
+    together = predict(shallow, three_structures)
+    singles = [predict(shallow, a) for a in three_structures]
+    close(together[keys.ENERGIES], np.concatenate([s[keys.ENERGIES] for s in singles], axis=1), 1e-12)
+    close(together[keys.FORCES_COMM], np.concatenate([s[keys.FORCES_COMM] for s in singles], axis=1), 1e-12)
+    close(together[keys.MAX_FORCE_DEVIATION], np.concatenate([s[keys.MAX_FORCE_DEVIATION] for s in singles]), 1e-12)
+
+
+def test_mean_mode_same_mean_one_backward(shallow, three_structures):
+    """forces_mode mean: the same energies and mean forces; deviation = α · per-atom energy spread."""
+    heads = predict(shallow, three_structures)
+    shallow.forces_mode = "mean"
+    shallow.set_alpha(2.0)
+    mean = predict(shallow, three_structures)
+    close(mean[keys.ENERGIES], heads[keys.ENERGIES], 1e-12)
+    close(mean[keys.FORCES], heads[keys.FORCES], 1e-10)
+    close(mean[keys.STRESS], heads[keys.STRESS], 1e-10)
+    batch = atoms_to_batch(three_structures, shallow.cutoff, dtype=torch.float64)
+    nodes = shallow.head_energies(batch, False, False)[1]
+    close(mean["force_deviation"], 2.0 * nodes.std(0, correction=0).detach().numpy(), 1e-12)
+
+
+def test_checkpoint_round_trip(shallow, tmp_path, three_structures):
+    shallow.set_alpha(1.7)
+    ref = predict(shallow, three_structures)
+    path = potentials.save(shallow, tmp_path / "shallow.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["kind"] == "shallow"
+    loaded = potentials.load(path, device="cpu")
+    assert isinstance(loaded, ShallowCommittee) and loaded.n_members == 3 and float(loaded.alpha) == pytest.approx(1.7)
+    got = predict(loaded, three_structures)
+    for key in (keys.ENERGIES, keys.FORCES_COMM, keys.MAX_FORCE_DEVIATION, keys.STRESS):
+        close(got[key], ref[key], 1e-12)
+
+
+def test_checkpoint_with_wrong_heads_is_refused(tmp_path):
+    sc = ShallowCommittee(build_small("schnet"), 3)
+    path = potentials.save(sc, tmp_path / "s.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["metadata"] = payload["metadata"].replace('"heads": 3', '"heads": 5')
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        potentials.load(tmp_path / "bad.pt", device="cpu")
+
+
+def test_same_keys_as_committee(three_structures):
+    full = Committee([build_small("schnet", seed=s) for s in range(3)])
+    shallow = ShallowCommittee(build_small("schnet"), 3).eval()
+    assert set(predict(full, three_structures)) == set(predict(shallow, three_structures))
