@@ -11,8 +11,12 @@ of the given size; committees of 4 members with default hyperparameters (cutoff 
 per-atom outputs scaled down so that the untrained models give a bound crystal.
 
 Per row: ``atom_steps_per_s`` = walkers × atoms / (time per MD step of all walkers), and
-``step_over_model`` = (time per MD step) / (time of the committee call alone, energy + forces,
-on the same batch of structures with its graph built beforehand, measured in the same run).
+``step_over_model`` = (time per MD step) / (time of the committee call alone on the same batch,
+measured in the same run). For ``batched`` and ``ase-lockstep``, which call the committee once per
+step on the whole batch, the committee calls are timed inside the same runs (synchronised
+wall time of each call: the load drift of a shared machine cancels); for ``ase-sequential`` and
+``ipi`` it is the full-batch call (energy + forces, graph built beforehand) timed just before and
+after the runs (``model_s_external``, also given for the others).
 Time per MD step is measured from two runs of ``s0`` and ``s0 + steps`` steps
 (t(s0 + steps) - t(s0)) / steps, so start-up (model transfer, first evaluation, thermalisation,
 threads) is not counted. The model time is the mean of two medians of ``--repeats`` calls, taken just
@@ -58,6 +62,27 @@ def cu_cell(n_atoms: int, seed: int):
     return atoms
 
 
+class Timed(torch.nn.Module):
+    """The committee, timing each of its calls (synchronised): the model-alone time inside an engine's run."""
+
+    def __init__(self, inner: Committee, device: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.cutoff = inner.cutoff
+        self.alpha = inner.alpha
+        self.device_name = device
+        self.seconds, self.calls = 0.0, 0
+
+    def forward(self, batch, **kwargs):
+        sync(self.device_name)
+        start = time.perf_counter()
+        out = self.inner(batch, **kwargs)
+        sync(self.device_name)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
 def committee(name: str, device: str) -> Committee:
     model = Committee.build(name, 4, species=["Cu"], cutoff=CUTOFF, seed=0)
     for member in model.members:
@@ -93,8 +118,9 @@ def model_seconds(model: Committee, walkers: int, atoms: int, device: str, repea
 
 
 def run_engine(engine: str, model: Committee, walkers: int, atoms: int, steps: int, device: str, workdir: Path,
-               model_path: Path | None = None) -> float:
-    """Wall time of running ``walkers`` walkers for ``steps`` steps with ``engine``."""
+               model_path: Path | None = None) -> tuple[float, float]:
+    """(wall time, time inside committee calls) of running ``walkers`` walkers for ``steps`` steps with ``engine``."""
+    model = Timed(model, device)
     walker_specs = specs(walkers, atoms, steps)
     rules = dict(upper=1e9, patience=10**9, min_distance=0.5, progress=False)
     out = Path(tempfile.mkdtemp(dir=workdir))
@@ -120,7 +146,7 @@ def run_engine(engine: str, model: Committee, walkers: int, atoms: int, steps: i
     bad = [r for r in results if r.status != "DONE"]
     if bad:
         raise RuntimeError(f"{engine}: walker {bad[0].name} ended {bad[0].status}: {bad[0].message[:300]}")
-    return seconds
+    return seconds, model.seconds
 
 
 def main() -> None:
@@ -178,19 +204,25 @@ def main() -> None:
                         continue
                     # the model alone before and after the engine's two runs: load drifts cancel to first order
                     before = model_seconds(model, walkers, atoms, device, args.repeats)
-                    t0 = run_engine(engine, model, walkers, atoms, s0, device, workdir, model_path)
-                    t1 = run_engine(engine, model, walkers, atoms, s0 + steps, device, workdir, model_path)
-                    t_model = 0.5 * (before + model_seconds(model, walkers, atoms, device, args.repeats))
+                    t0, m0 = run_engine(engine, model, walkers, atoms, s0, device, workdir, model_path)
+                    t1, m1 = run_engine(engine, model, walkers, atoms, s0 + steps, device, workdir, model_path)
+                    t_external = 0.5 * (before + model_seconds(model, walkers, atoms, device, args.repeats))
                     step = max(t1 - t0, 1e-9) / steps
+                    # engines that call the committee once per step on the whole batch: the model time inside
+                    # the same runs (immune to load drift); the others: the full-batch call timed around the runs
+                    inside = engine in ("batched", "ase-lockstep")
+                    t_model = max(m1 - m0, 1e-9) / steps if inside else t_external
                     row = {"engine": engine, "device": device, "model": f"{name}-4", "walkers": walkers, "atoms": atoms,
-                           "steps": steps, "step_s": round(step, 5), "model_s": round(t_model, 5),
+                           "steps": steps, "run_s": [round(t0, 3), round(t1, 3)], "step_s": round(step, 5),
+                           "model_s": round(t_model, 5), "model_s_external": round(t_external, 5),
+                           "model_timed": "inside the runs" if inside else "before/after the runs",
                            "atom_steps_per_s": round(walkers * atoms / step, 1),
                            "step_over_model": round(step / t_model, 3), "threads": args.threads,
                            "load": round(os.getloadavg()[0], 2)}
                     rows.append(row)
                     print(f"{engine:15s} {row['model']:9s} {walkers:3d} x {atoms:5d}  step {step * 1e3:9.1f} ms  "
                           f"model {t_model * 1e3:9.1f} ms  step/model {row['step_over_model']:6.3f}  "
-                          f"{row['atom_steps_per_s']:11.1f} atom-steps/s", flush=True)
+                          f"{row['atom_steps_per_s']:11.1f} atom-steps/s  (runs {t0:.1f} s, {t1:.1f} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
