@@ -6,7 +6,7 @@ models in memory or in its database. Results are not persisted and not cached:
 whether a stage must run is decided by the run directory's ``state.json``
 (``alflow.loop.LoopRun.run_stage``), never by Prefect's cache.
 
-Tags: ``gpu`` for train and explore, ``dft`` for initial and label, so
+Tags: ``gpu`` for train and explore, ``dft`` for initial, gate and label, so
 ``prefect concurrency-limit create dft 4`` bounds concurrent oracle stages.
 """
 
@@ -67,8 +67,14 @@ def label_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str
     return _run(run_dir, stage, iteration, inputs)
 
 
-TASKS = {"initial": initial_task, "train": train_task, "explore": explore_task, "select": select_task,
-         "label": label_task}
+@task(name="gate", task_run_name="gate-{iteration}", retries=2, retry_delay_seconds=10, tags=["dft"], **_COMMON)
+def gate_task(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Physics gates (loop.gates): label the gates' structures once, compare the committee with the oracle."""
+    return _run(run_dir, stage, iteration, inputs)
+
+
+TASKS = {"initial": initial_task, "train": train_task, "gate": gate_task, "explore": explore_task,
+         "select": select_task, "label": label_task}
 
 
 def stage_timeouts(config: RunConfig) -> dict[str, float | None]:
@@ -96,4 +102,14 @@ def stage_timeouts(config: RunConfig) -> dict[str, float | None]:
         "explore": None,
         "select": None,
         "label": labelling(config.selection.max_per_iteration),
+        "gate": labelling(gate_frames(config)),
     }
+
+
+def gate_frames(config: RunConfig) -> int:
+    """An upper estimate of the structures the configured gates label (eos points, 12 elastic, phonopy's)."""
+    g = config.loop.gates
+    n = (g.eos.points if g.eos else 0) + (12 if g.elastic else 0)
+    if g.phonons:
+        n += 6 * 64  # at most 6 displacements per atom; a generous bound without building the supercells
+    return n

@@ -141,7 +141,7 @@ def test_stage_results_are_one_typed_table() -> None:
     from alflow import loop, results
     from alflow.config import ExecutionConfig
 
-    assert loop.STAGES == results.STAGES == ("initial", "train", "explore", "select", "label")
+    assert loop.STAGES == results.STAGES == ("initial", "train", "gate", "explore", "select", "label")
     ExecutionConfig(task_runner="dask", dask_resources={s: {"GPU": 1} for s in results.STAGES})
     with pytest.raises(ValueError, match="stage name"):
         ExecutionConfig(task_runner="dask", dask_resources={"training": {"GPU": 1}})
@@ -153,6 +153,8 @@ def test_stage_results_are_one_typed_table() -> None:
                                     statuses={"DONE": 1}, n_frames=2),
         "select": results.Selected(n_frames=2, n_selected=1, selected="iter_000/select/selected.extxyz"),
         "label": results.Labelled(n_frames=1, n_labelled=1, forces_rmse=0.2),
+        "gate": results.Gated(gates=({"name": "eos", "passed": True, "errors": {"volume_rel": 0.001}},), passed=True,
+                              n_frames=7, n_labelled=7),
     }
     assert set(examples) == set(results.RESULTS)
     for stage, obj in examples.items():
