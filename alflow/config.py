@@ -482,74 +482,6 @@ class GatesConfig(_Model):
         return {name: spec for name in ("eos", "elastic", "phonons") if (spec := getattr(self, name)) is not None}
 
 
-class EOSGateConfig(_Model):
-    """Equation-of-state gate (alflow.gates): V0 and bulk modulus of the committee vs the oracle."""
-
-    structure: FilePath | None = Field(None, description="Structure file; null: the first system structure (supercell applied).")
-    strain: float = Field(0.04, gt=0, le=0.2, description="Linear strain range: lengths scaled by 1 + s, s in [-strain, strain].")
-    points: Bounded(101, kind=int) = Field(7, ge=5, description="Volumes on the E-V curve (oracle labels, paid once).")
-    eos: Literal["birchmurnaghan", "murnaghan", "vinet", "sj", "taylor", "antonschmidt", "p3"] = Field(
-        "birchmurnaghan", description="ase.eos.EquationOfState form.")
-    tol_volume: float = Field(0.01, gt=0, description="Tolerance on the relative error of the equilibrium volume.")
-    tol_bulk_modulus: float = Field(0.05, gt=0, description="Tolerance on the relative error of the bulk modulus.")
-    tol_energy: Bounded(100.0, "eV/atom") | None = Field(None, gt=0, description="Tolerance on the largest energy error on the curve (eV/atom); null: not checked.")
-
-
-class ElasticGateConfig(_Model):
-    """Elastic-constants gate (alflow.gates): clamped-ion C_ij by finite strain, committee vs oracle."""
-
-    structure: FilePath | None = Field(None, description="Structure file; null: the first system structure (supercell applied).")
-    delta: float = Field(0.01, gt=0, le=0.05, description="Strain of each of the 12 deformations (+-delta per Voigt component).")
-    tol: float | None = Field(0.1, gt=0, description="Tolerance on max |dC_ij| / max |C_ij| of the oracle; null: not checked.")
-    tol_gpa: Bounded(1e4, "GPa") | None = Field(None, gt=0, description="Tolerance on max |dC_ij| (GPa); null: not checked.")
-
-    @model_validator(mode="after")
-    def _some_tolerance(self) -> ElasticGateConfig:
-        if self.tol is None and self.tol_gpa is None:
-            raise _fail("set tol (relative) and/or tol_gpa", "tol", got=None)
-        return self
-
-
-class PhononGateConfig(_Model):
-    """Phonon gate (alflow.gates, needs phonopy): frequencies at q-points, committee vs oracle."""
-
-    structure: FilePath | None = Field(None, description="Unit cell file; null: the first system structure (supercell applied).")
-    supercell: tuple[int, int, int] = Field((2, 2, 2), description="Phonopy supercell of the structure.")
-    distance: float = Field(0.01, gt=0, le=0.1, description="Finite displacement (Å).")
-    qpoints: list[tuple[float, float, float]] = Field(
-        default_factory=lambda: [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.5, 0.5)], min_length=1,
-        description="q-points, fractional coordinates of the structure's reciprocal cell.")
-    tol_thz: float = Field(0.2, gt=0, description="Tolerance on the largest frequency error (THz).")
-
-    @field_validator("supercell")
-    @classmethod
-    def _supercell(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if min(v) < 1 or v[0] * v[1] * v[2] > 1000:
-            raise ValueError("expected 1 to 1000 repetitions in all, each >= 1")
-        return v
-
-    @model_validator(mode="after")
-    def _phonopy(self) -> PhononGateConfig:
-        import importlib.util
-
-        if importlib.util.find_spec("phonopy") is None:
-            raise _fail("the phonons gate needs the package phonopy, which is not installed: pip install phonopy "
-                        "(or pip install 'alflow[phonons]')", got="phonons")
-        return self
-
-
-class GatesConfig(_Model):
-    """Physics gates (alflow.gates, docs/convergence.md): the loop converges only when every configured gate holds."""
-
-    eos: EOSGateConfig | None = Field(None, description="Equation of state: V0 and bulk modulus vs the oracle.")
-    elastic: ElasticGateConfig | None = Field(None, description="Elastic constants vs the oracle.")
-    phonons: PhononGateConfig | None = Field(None, description="Phonon frequencies vs the oracle (phonopy).")
-
-    def configured(self) -> dict[str, Any]:
-        """name -> config of every gate that is set, in the gate table's order."""
-        return {name: spec for name in ("eos", "elastic", "phonons") if (spec := getattr(self, name)) is not None}
-
-
 class LoopConfig(_Model):
     """When the active-learning loop stops."""
 
@@ -557,7 +489,6 @@ class LoopConfig(_Model):
     max_labels: int | None = Field(None, ge=1, description="Stop once this many frames were labelled in total.")
     convergence_fraction: float = Field(0.99, gt=0, le=1, description="Converged when this fraction of explored frames is below selection.lower.")
     convergence_patience: int = Field(1, ge=1, description="Consecutive converged iterations required to stop.")
-    gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons).")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons).")
 
 
