@@ -148,7 +148,7 @@ class RattleConfig(_Model):
 class SystemConfig(_Model):
     """The material: starting structures (files or ``build``) and the first training data."""
 
-    structures: list[FilePath] | None = Field(None, min_length=1, description="Structure files (any format ASE/pymatgen reads), relative to the config file.")
+    structures: list[FilePath] | None = Field(None, min_length=1, description="Structure files (any format ASE reads, plus CIF, POSCAR and pymatgen JSON through data-only fallbacks), relative to the config file.")
     build: BuildConfig | None = Field(None, description="Build a bulk crystal instead of reading files.")
     supercell: tuple[int, int, int] | None = Field(None, description="Repeat the cell n1 x n2 x n3 times.")
     min_cell_length: Bounded(500.0, "Å") | None = Field(None, gt=0, description="Repeat until every perpendicular cell width is at least this (Å).")
