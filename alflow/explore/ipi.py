@@ -362,6 +362,7 @@ def _walker_result(w: _Walker, seconds: float) -> WalkerResult:
     """Parse a finished walker's directory into its scored trajectory and :class:`WalkerResult`."""
     status, message = w.status or ERROR, w.message
     stop = w.run_dir / "stop.json"
+    (w.run_dir / "EXIT").unlink(missing_ok=True)  # the soft-exit request is spent: i-PI could not be rerun here
     if stop.exists() and status == DONE:  # a stop rule fired: i-PI exited cleanly on the driver's request
         verdict = json.loads(stop.read_text())
         status, message = verdict["status"], verdict["message"]
