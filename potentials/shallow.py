@@ -91,6 +91,8 @@ class Heads(nn.Module):
 class ShallowCommittee(nn.Module):
     """One trunk, K heads at the readout (module docstring); α calibrates the spread."""
 
+    committee_kind: str = "shallow"  # alflow.train.train_committee dispatches on it
+
     def __init__(self, model: Potential, k: int, *, seed: int = 0, alpha: float = 1.0, init: str = "random",
                  forces_mode: str = "heads") -> None:
         """Split ``model`` (taken over, not copied) at its readout into ``k`` heads.
@@ -256,6 +258,15 @@ class ShallowCommittee(nn.Module):
                 keys.MAX_FORCE_DEVIATION: max_eps,
             })
         return out
+
+    @classmethod
+    def build(cls, name: str, k: int, species: list[int | str], cutoff: float, seed: int = 0,
+              forces_mode: str = "heads", **hparams: Any) -> ShallowCommittee:
+        """A fresh trunk of architecture ``name`` (seeded with ``seed``) split into ``k`` random heads."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = registry.build(name, list(species), cutoff, **hparams)
+        return cls(model, k, seed=seed, forces_mode=forces_mode)
 
     # ------------------------------------------------------------------ checkpoints
 
