@@ -15,6 +15,8 @@ instead of after the initial set is labelled:
 - ``system``: at least 2 frames for the first training (initial dataset plus rattled frames);
 - ``exploration``: the walkers' start structures can be prepared (vacancy, surface, strain);
   i-PI is installed for ``engine: ipi``;
+- ``loop.gates``: each gate's structure exists, parses, has only the run's elements, and the gate
+  builds its structures from it (``alflow.gates``);
 - ``labelling``: the oracle can run here (module installed, executable on PATH:
   ``alflow.oracles.missing_requirement``); no NaN/inf in its parameters;
 - ``execution.device``: usable here (``alflow.devices.resolve_device``).
@@ -209,6 +211,30 @@ def _device(config: RunConfig, problems: list[str]) -> None:
         problems.append(str(err))
 
 
+def _gates(config: RunConfig, species: set[int], problems: list[str]) -> None:
+    """Each configured gate's structure (``loop.gates.<gate>.structure``) exists, parses, has only the run's elements,
+    and the gate can build its structures from it (alflow.gates)."""
+    from alflow import gates
+    from alflow.explore.runner import system_structures
+    from alflow.explore.structures import read_structure
+
+    for name, spec in config.loop.gates.configured().items():
+        where = f"loop.gates.{name}.structure"
+        try:
+            if spec.structure is not None and not Path(spec.structure).is_file():
+                problems.append(f"{where}: {spec.structure}: no such file")
+                continue
+            atoms = read_structure(spec.structure) if spec.structure is not None else system_structures(config.system)[0]
+            extra = sorted({int(z) for z in atoms.numbers} - species)
+            if extra:
+                problems.append(f"{where}: elements {extra} (atomic numbers) are not in the system structures or the "
+                                "initial dataset, so the committee cannot evaluate them")
+                continue
+            gates.structures(name, spec, atoms)
+        except Exception as err:  # noqa: BLE001 - any reason the gate cannot start is reported with its field
+            problems.append(f"{where}: cannot build the {name} gate's structures ({type(err).__name__}: {err})")
+
+
 def problems(config: RunConfig) -> list[str]:
     """Every problem ``preflight`` finds, one line each naming its field (empty: nothing found)."""
     found: list[str] = []
@@ -223,6 +249,8 @@ def problems(config: RunConfig) -> list[str]:
     species = {int(z) for s in structures for z in s.numbers} | dataset_species
     _potential(config, sorted(species), found)
     _exploration(config, structures, found)
+    if structures:
+        _gates(config, species, found)
     _labelling(config, found)
     _device(config, found)
     return found

@@ -184,3 +184,19 @@ def test_loop_config_without_gates_converges_as_before():
     assert not is_converged(row, gated)  # no gate value yet: not converged
     assert not is_converged({**row, "gates": {"eos": {"passed": False}}}, gated)
     assert is_converged({**row, "gates": {"eos": {"passed": True}}}, gated)
+
+
+def test_preflight_names_a_gate_structure_that_cannot_be_used(tmp_path):
+    from ase.io import write
+
+    from alflow.preflight import problems
+
+    write(tmp_path / "nacl.extxyz", bulk("NaCl", "rocksalt", a=5.64))
+    cfg = config_from_dict(tiny_config(tmp_path / "run", loop={"gates": {
+        "eos": {"structure": str(tmp_path / "missing.cif")},
+        "elastic": {"structure": str(tmp_path / "nacl.extxyz")}}}))
+    found = problems(cfg)
+    assert any(p.startswith("loop.gates.eos.structure:") and "no such file" in p for p in found)
+    assert any(p.startswith("loop.gates.elastic.structure:") and "[11, 17]" in p for p in found)
+    assert not any("loop.gates" in p for p in problems(config_from_dict(tiny_config(
+        tmp_path / "run", loop={"gates": {"eos": {}, "elastic": {}}}))))
