@@ -542,6 +542,16 @@ def with_cueq(model: torch.nn.Module, device: str | torch.device = "cuda") -> to
 
 
 def maybe_cueq(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
-    """:func:`with_cueq` where it can run (CUDA and cuequivariance-torch installed), else ``model`` as it is."""
+    """:func:`with_cueq` where it can run (CUDA and cuequivariance-torch installed), else ``model`` as it is;
+    a conversion that fails warns and keeps the e3nn model (same numbers, slower)."""
     has_mace = any(isinstance(m, MACEPotential) for m in getattr(model, "members", [model]))
-    return with_cueq(model, device) if has_mace and cueq_unavailable(device) is None else model
+    if not has_mace or cueq_unavailable(device) is not None:
+        return model
+    try:
+        return with_cueq(model, device)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: never worth failing the run for
+        import warnings
+
+        warnings.warn(f"cuEquivariance conversion of the MACE model failed ({type(exc).__name__}: {exc}); "
+                      "running the e3nn model", RuntimeWarning, stacklevel=2)
+        return model

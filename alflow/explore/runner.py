@@ -77,6 +77,11 @@ def explore(config: RunConfig, model_path: str | Path, out_dir: str | Path, *, i
 
         specs = walker_specs(config, structures, iteration)
         model = potentials.load(model_path, device=None if device == "auto" else device)
+        if getattr(model, "architecture", None) == "mace":  # cuEquivariance kernels on CUDA, where installed
+            from alflow.devices import resolve_device
+            from potentials.mace import maybe_cueq
+
+            model = maybe_cueq(model, resolve_device(device))
         rules = dict(upper=config.selection.upper, patience=config.exploration.uncertain_patience,
                      min_distance=config.exploration.min_distance, device=device, progress=progress)
         if config.exploration.engine == "batched":
