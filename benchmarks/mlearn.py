@@ -5,7 +5,7 @@
                                 [--data-dir ../shared/data/mlearn] [--threads 1] [--json FILE]
 
 For each element: the run configuration ``examples/mlearn/<El>.yaml`` (the recipe chosen for
-it, docs/training.md) with the command line's overrides (``--epochs`` → training.epochs,
+it, docs/training.md) with the command line's overrides (``--epochs`` → training.epochs, with training.final_epochs scaled to keep its share,
 ``--max-time`` → a wall cap for the whole committee: training.max_time_s = S / members, which
 the trainer gives K times to members trained together; ``--members`` → committee.size,
 ``--arch``/``--hparams`` → potential; ``--members-mode`` → training.members; ``--training JSON`` → any
@@ -51,7 +51,10 @@ def element_config(element: str, args: argparse.Namespace, data: Path, out: Path
     cfg["run_dir"] = str(out.resolve())
     cfg.setdefault("system", {})["initial_dataset"] = str(data.resolve())
     training = cfg.setdefault("training", {})
-    if args.epochs is not None:
+    if args.epochs is not None:  # the final stage keeps its share of the budget
+        full = training.get("epochs", 200)
+        if training.get("final_epochs"):
+            training["final_epochs"] = max(1, round(training["final_epochs"] * args.epochs / full))
         training["epochs"] = args.epochs
     if args.max_time is not None:
         training["max_time_s"] = args.max_time / (args.members or cfg.get("committee", {}).get("size", 4))

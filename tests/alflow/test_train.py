@@ -312,5 +312,8 @@ def test_mlearn_examples_and_benchmark_configs_are_valid(element, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     loaded = load_config(tmp_path / "config.yaml")
     assert loaded.training.epochs == 3 and loaded.training.max_time_s == 15.0 and loaded.training.final_epochs == 1
+    args.training, args.epochs = None, 40
+    cfg = bench.element_config(element, args, tmp_path / "data.extxyz", tmp_path / "out")
+    assert cfg["training"]["final_epochs"] == round(40 * example.training.final_epochs / example.training.epochs)
     assert loaded.training.members == "grouped" and loaded.execution.device == "cpu"
     assert Path(loaded.system.initial_dataset) == (tmp_path / "data.extxyz").resolve()
