@@ -200,3 +200,13 @@ def test_preflight_names_a_gate_structure_that_cannot_be_used(tmp_path):
     assert any(p.startswith("loop.gates.elastic.structure:") and "[11, 17]" in p for p in found)
     assert not any("loop.gates" in p for p in problems(config_from_dict(tiny_config(
         tmp_path / "run", loop={"gates": {"eos": {}, "elastic": {}}}))))
+
+
+def test_every_stage_has_a_prefect_task_and_a_timeout(tmp_path):
+    """The gate stage is in the stage table, so the flow needs its task (flows.tasks) and its timeout."""
+    tasks = pytest.importorskip("flows.tasks")
+    from alflow.results import STAGES
+
+    cfg = config_from_dict(tiny_config(tmp_path / "run", loop={"gates": {"eos": {}, "elastic": {}}}))
+    assert tuple(tasks.TASKS) == STAGES and set(tasks.stage_timeouts(cfg)) == set(STAGES)
+    assert tasks.gate_frames(cfg) == 7 + 12
