@@ -180,6 +180,26 @@ class PotentialConfig(_Model):
     hparams: dict[str, Any] = Field(default_factory=dict, description="Architecture hyper-parameters passed to the model constructor.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating-point precision of the model.")
     checkpoint: FilePath | None = Field(None, description="Model file to start from instead of random weights.")
+    # a foundation model to fine-tune (alflow/foundation.py, docs/foundation.md)
+    foundation: FilePath | None = Field(
+        None, description="Foundation model every member starts from and is fine-tuned: a MACE .model file (needs "
+        "trusted: true) or an alflow checkpoint; its architecture, hparams, species and cutoff replace this section's.")
+    trusted: bool = Field(False, description="Allow loading a pickled MACE .model foundation (it executes code).")
+    freeze: list[str] = Field(default_factory=list, description="Parameter-name prefixes of the foundation kept frozen, e.g. model.interactions.0.")
+    reinit_readout: bool = Field(False, description="Redraw each member's readout weights (seeded per member) before fine-tuning.")
+    align_e0: bool = Field(True, description="Fit a per-element energy shift (eV) of the foundation to the first labelled frames.")
+    align_scale: bool = Field(False, description="Also fit a scale of the foundation's network energy (from the forces).")
+    align_frames: Bounded(100_000, kind=int) = Field(50, ge=1, description="At most this many first labelled frames for the alignment.")
+
+    @model_validator(mode="after")
+    def _foundation_only(self) -> PotentialConfig:
+        if self.foundation is None:
+            for name in ("freeze", "reinit_readout", "trusted"):
+                if getattr(self, name):
+                    raise _fail("needs potential.foundation", name, got=getattr(self, name))
+        elif self.checkpoint is not None:
+            raise _fail("give potential.foundation or potential.checkpoint, not both", "checkpoint", got=self.checkpoint)
+        return self
 
     @field_validator("architecture")
     @classmethod
@@ -248,6 +268,11 @@ class TrainingConfig(_Model):
     nll_epochs: Bounded(1_000_000, kind=int) = Field(
         20, ge=0, description="Shallow committee: epochs of Gaussian force-NLL fine-tuning after the MSE stage.")
     nll_weight: float = Field(1.0, ge=0, description="Shallow committee: weight of the force NLL in the fine-tuning loss.")
+    replay_frames: Bounded(1_000_000, kind=int) = Field(
+        20, ge=0, description="With potential.foundation: structures (initial set, earlier explorations) labelled by the "
+        "foundation itself that join every member's training set against forgetting; 0 disables.")
+    replay_weight: Bounded(100.0) = Field(
+        0.5, ge=0, description="Weight of a replay frame relative to an oracle frame (it enters floor/ceil(w) times per epoch).")
     nll_trunk_lr_factor: float = Field(
         0.1, ge=0, le=1, description="Shallow committee: trunk LR during NLL fine-tuning as a fraction of lr (0 freezes it).")
 

@@ -384,7 +384,9 @@ class LoopRun:
     def finish_iteration(self, row: dict[str, Any], stop: str | None = None, final_model: str | None = None) -> None:
         """Store iteration ``row`` (rows after it are dropped: a replay re-adds them) and the run status."""
         i = row["iteration"]
-        row = {**row, "stop": stop}
+        from alflow.foundation import metrics_fields
+
+        row = {**row, **metrics_fields(self.run_dir), "stop": stop}  # the foundation's E0 alignment, if any
         self.state["iterations"] = [r for r in self.state["iterations"] if r["iteration"] < i] + [row]
         self.state["status"] = stop or "running"
         self.state["final_model"] = final_model if stop else None

@@ -17,6 +17,8 @@ cp2k        dft        cp2k_shell, PBE, DZVP-MOLOPT-SR-GTH + GTH-PBE, CUTOFF 400
 xtb         reference  tblite GFN2-xTB, Γ-only, periodic with stress
 chgnet      teacher    CHGNet pretrained weights shipped in the wheel
 sevenn      teacher    SevenNet-0 weights shipped in the wheel
+model       teacher    ``model_path``: an alflow checkpoint or a trusted MACE ``.model``
+                       (the dry run: labels from a model, e.g. the foundation)
 vasp        dft        ase Vasp: PBE, ENCUT 520, EDIFF 1e-6, ISMEAR 0 / SIGMA 0.05
 module:Cls  reference  any ASE calculator class, ``Cls(**parameters)``
 ==========  =========  ==============================================================
@@ -282,6 +284,30 @@ def _sevenn(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma
     return SevenNetCalculator(**{"model": "7net-0", "device": "cpu", **p}), _is_3d(atoms)
 
 
+def _model(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
+    """A model instead of DFT (the dry run, docs/foundation.md): ``model_path`` an alflow checkpoint (potential or
+    committee: its mean) or a MACE ``.model`` file with ``trusted: true``; ``device`` (default cpu)."""
+    from alflow.calculator import AlflowCalculator
+
+    p = dict(p)
+    path, trusted, device = p.pop("model_path", None), bool(p.pop("trusted", False)), p.pop("device", "cpu")
+    if path is None or p:
+        raise OracleError(f"oracle 'model': expected parameters model_path (and optionally trusted, device); "
+                          f"got {sorted([*p, *(['model_path'] if path else [])])}")
+    if str(path).endswith(".model"):
+        from alflow.foundation import load_foundation
+
+        try:
+            model = load_foundation(path, trusted=trusted, where="labelling.parameters.model_path")
+        except InputError as err:
+            raise OracleError(str(err)) from None
+    elif not Path(path).is_file():
+        raise OracleError(f"oracle 'model': labelling.parameters.model_path {path}: no such model file")
+    else:
+        model = path
+    return AlflowCalculator(model, device=device), _is_3d(atoms)
+
+
 def _vasp(p: dict, atoms: Atoms, density: float | None, directory: Path, gamma_only: bool) -> tuple[Any, bool]:
     from ase.calculators.vasp import Vasp
 
@@ -318,6 +344,7 @@ ORACLES: dict[str, Oracle] = {o.name: o for o in (
     Oracle("xtb", "reference", _xtb, module="tblite"),
     Oracle("chgnet", "teacher", _chgnet, module="chgnet"),
     Oracle("sevenn", "teacher", _sevenn, module="sevenn"),
+    Oracle("model", "teacher", _model, module="torch"),
     Oracle("vasp", "dft", _vasp, log_file="OUTCAR", env_command=("ASE_VASP_COMMAND", "VASP_COMMAND", "VASP_SCRIPT")),
 )}
 BUILTIN = tuple(ORACLES)

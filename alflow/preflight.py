@@ -10,6 +10,8 @@ instead of after the initial set is labelled:
   the run's species and cutoff (bad values fail here); no NaN/inf anywhere in the values;
 - ``potential.checkpoint``: a readable alflow model file that matches the potential section
   (architecture, hyperparameters, cutoff) and covers the run's species;
+- ``potential.foundation``: readable (a ``.model`` only with ``trusted``), knows the run's species,
+  every ``freeze`` prefix names parameters of it (``alflow.foundation``);
 - ``system.structures``: files that exist and parse; ``system.initial_dataset``: a file that
   exists, parses and holds frames the dataset accepts (``alflow.io.validate_frame``);
 - ``system``: at least 2 frames for the first training (initial dataset plus rattled frames);
@@ -134,6 +136,9 @@ def _potential(config: RunConfig, species: list[int], problems: list[str]) -> No
     import potentials
 
     pot = config.potential
+    if pot.foundation is not None:  # the foundation's architecture and hparams replace the section's
+        _foundation(config, species, problems)
+        return
     problems += _non_finite(pot.hparams, "potential.hparams")
     try:
         allowed = potentials.get_class(pot.architecture).hparam_names()
@@ -157,6 +162,22 @@ def _potential(config: RunConfig, species: list[int], problems: list[str]) -> No
         return
     if pot.checkpoint is not None:
         _checkpoint(config, model, species, problems)
+
+
+def _foundation(config: RunConfig, species: list[int], problems: list[str]) -> None:
+    """``potential.foundation``: readable (trusted for a .model), knows the run's species, freeze prefixes exist."""
+    from alflow.foundation import check_freeze, check_species, load_foundation, readout_parameters
+
+    pot = config.potential
+    try:
+        model = load_foundation(pot.foundation, trusted=pot.trusted)
+        check_species(model, species)
+        check_freeze(model, pot.freeze)
+        if pot.reinit_readout and not readout_parameters(model):
+            problems.append(f"potential.reinit_readout: architecture {model.architecture!r} has no parameter named "
+                            "*readout*; set reinit_readout: false")
+    except ConfigError as err:
+        problems.append(str(err))
 
 
 def _checkpoint(config: RunConfig, model: Any, species: list[int], problems: list[str]) -> None:

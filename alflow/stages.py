@@ -140,7 +140,13 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
     # content too (stable_split), so a frame an earlier iteration trained on never becomes a validation frame
     frames = sorted(Dataset(run_dir / "dataset").frames(), key=lambda a: a.info[FRAME_HASH])
     pot = cfg.potential
-    if cfg.committee.kind == "shallow":  # one trunk, K heads (potentials/shallow.py)
+    init_from = inputs.get("init_from")
+    replay: list = []
+    if pot.foundation is not None:  # members fine-tuned from a foundation model (alflow/foundation.py)
+        from alflow.foundation import foundation_start
+
+        committee, init_from, replay = foundation_start(cfg, run_dir, frames, inputs["species"], iteration, init_from)
+    elif cfg.committee.kind == "shallow":  # one trunk, K heads (potentials/shallow.py)
         from potentials.shallow import ShallowCommittee
 
         committee = ShallowCommittee.build(pot.architecture, cfg.committee.heads, inputs["species"], pot.cutoff,
@@ -150,10 +156,10 @@ def _train(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dic
         committee = Committee.build(pot.architecture, cfg.committee.size, inputs["species"], pot.cutoff,
                                     seed=cfg.seed + 1000 * iteration, **pot.hparams)
     committee.to(getattr(torch, pot.dtype))
-    init_from = inputs.get("init_from")
     result = train_committee(committee, frames, cfg.training, bootstrap=cfg.committee.bootstrap,
                              device=cfg.execution.device, dtype=pot.dtype, seed=cfg.seed, out_dir=out,
-                             progress=progress, init_from=init_from, stable_split=True)
+                             progress=progress, init_from=init_from, stable_split=True,
+                             **({"replay": replay, "replay_weight": cfg.training.replay_weight} if replay else {}))
     alpha, note, calibration = 1.0, None, {}
     if cfg.committee.calibrate:
         committee.eval()

@@ -1129,6 +1129,8 @@ def train_committee(
     progress: bool = True,
     init_from: nn.Module | Sequence[nn.Module] | str | os.PathLike | None = None,
     stable_split: bool = False,
+    replay: Sequence[Atoms] = (),
+    replay_weight: float = 1.0,
 ) -> CommitteeTrainResult:
     """Train every member (a ``Committee``'s ``members`` or a list of potentials), together or one after another.
 
@@ -1142,7 +1144,9 @@ def train_committee(
     replacement of the training frames of the same size; a fresh member's E0/scale/shift
     are fitted on its own training frames. ``init_from``: a committee
     with as many members (member k warm-starts from member k), or one potential that
-    every member starts from. With ``out_dir``: ``member_<k>/`` (best.pt, metrics.json),
+    every member starts from. ``replay`` (alflow.foundation): extra labelled frames that join every
+    member's training set only (never the split), each floor(w) or ceil(w) times for ``replay_weight``
+    w (drawn per member; an expected loss share of w). With ``out_dir``: ``member_<k>/`` (best.pt, metrics.json),
     ``metrics.json`` (this result) and, for a Committee, ``committee.pt``.
     """
     from alflow.data import split, stable_split as split_by_content
@@ -1162,6 +1166,8 @@ def train_committee(
         _need_split(len(frames), 0, "")
     if config.valid_fraction == 0:
         raise ValueError("training.valid_fraction is 0: early stopping needs at least 1 validation frame")
+    n_labelled = len(frames)
+    frames = [*frames, *replay]  # the split below covers the first n_labelled only
     check_frames(frames, sorted({z for m in members for z in m.species}), "dataset")
     sources: list[Any] = [None] * len(members)
     if init_from is not None:
@@ -1172,9 +1178,9 @@ def train_committee(
         sources = previous * len(members) if len(previous) == 1 else previous
     fractions = (1.0 - config.valid_fraction - config.test_fraction, config.valid_fraction, config.test_fraction)
     if stable_split:
-        train_idx, valid_idx, test_idx = split_by_content(frames, fractions, seed)
+        train_idx, valid_idx, test_idx = split_by_content(frames[:n_labelled], fractions, seed)
     else:
-        train_idx, valid_idx, test_idx = split(len(frames), fractions, seed)
+        train_idx, valid_idx, test_idx = split(n_labelled, fractions, seed)
     _need_split(len(train_idx), len(valid_idx), "")
     start = time.perf_counter()
     if isinstance(models, nn.Module):
@@ -1192,6 +1198,9 @@ def train_committee(
     for k, (member, source) in enumerate(zip(members, sources)):
         rng = np.random.default_rng([seed, k])
         idx = np.sort(rng.choice(train_idx, size=len(train_idx), replace=True)) if bootstrap else np.asarray(train_idx)
+        if len(replay):
+            times = math.floor(replay_weight) + (rng.random(len(replay)) < replay_weight - math.floor(replay_weight))
+            idx = np.concatenate([idx, np.repeat(np.arange(n_labelled, len(frames)), times)]).astype(np.int64)
         if source is not None:
             warm_start(member, source)
         else:

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefect", action="store_true",
                         help="run the loop in this process without Prefect (same run directory and resume)")
     parser.add_argument("--progress", action="store_true", help="progress bars (with --no-prefect)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what the run would spend (oracle labels, calls, time from labels measured in the "
+                             "run directory) and exit without computing anything")
+    parser.add_argument("--label-seconds", type=float, default=None, metavar="S",
+                        help="with --dry-run: seconds one oracle label takes (e.g. timed by hand), instead of the "
+                             "median of the labels made in the run directory")
     parser.add_argument("--prefect-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="seconds the Prefect API at PREFECT_API_URL has to answer a health check before the "
                              "run stops with a message (default 30)")
@@ -63,6 +69,59 @@ def _print_summary(summary: RunSummary | dict[str, Any]) -> None:
     print(f"run directory: {summary['run_dir']}")
 
 
+def dry_run_plan(config: Any, label_seconds: float | None = None) -> list[str]:
+    """What the run would spend at most, without calling the oracle (docs/foundation.md: the dry run).
+
+    Labels: the initial rattled frames, the gates' structures (paid once) and ``max_per_iteration`` per
+    iteration for ``max_iterations``, capped by ``loop.max_labels``; calls: labels × (1 + retries) at most;
+    time: labels × the median compute time of labels already made with this oracle in the run directory.
+    """
+    import json
+    import statistics
+
+    from alflow.label import LABELLED
+    from alflow.oracles import source_of
+
+    lab, loop, sel = config.labelling, config.loop, config.selection
+    initial = config.system.initial_rattle.n_frames if config.system.initial_rattle is not None else 0
+    gates = 0
+    for name, spec in loop.gates.configured().items():
+        gates += getattr(spec, "points", None) or (12 if name == "elastic" else 1)
+    per_iteration = sel.max_per_iteration
+    total = initial + gates + per_iteration * loop.max_iterations
+    capped = min(total, loop.max_labels) if loop.max_labels is not None else total
+    lines = [f"dry run of {config.name}: nothing is computed, the oracle is not called",
+             f"oracle: {lab.oracle} (label source {source_of(lab.oracle)})",
+             f"initial set: {initial} rattled frame(s) to label"
+             + (f" plus the frames of {config.system.initial_dataset} (imported, no oracle call)"
+                if config.system.initial_dataset else ""),
+             f"loop: at most {per_iteration} label(s) per iteration x {loop.max_iterations} iteration(s) = "
+             f"{per_iteration * loop.max_iterations}" + (f"; gates: about {gates} label(s), paid once" if gates else ""),
+             f"oracle labels at most: {capped}" + (f" (loop.max_labels caps {total})" if capped < total else ""),
+             f"oracle calls at most: {capped * (1 + lab.retries)} (labels x (1 + labelling.retries {lab.retries}))"]
+    times = []
+    for path in sorted(Path(config.run_dir).glob(f"*/{LABELLED}")):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("oracle") == lab.oracle and isinstance(rec.get("compute_s"), (int, float)):
+                times.append(float(rec["compute_s"]))
+    if times or label_seconds:
+        per = float(label_seconds) if label_seconds else statistics.median(times)
+        workers = config.execution.max_workers
+        source = ("--label-seconds" if label_seconds else
+                  f"median of {len(times)} label(s) made with {lab.oracle} in {config.run_dir}")
+        lines.append(f"estimated oracle time: {capped} x {per:.3g} s ({source}) = {capped * per / 3600:.3g} h of "
+                     f"labelling (x labelling.threads {lab.threads} cores), "
+                     f"~{capped * per / workers / 3600:.3g} h on {workers} concurrent worker(s)")
+    else:
+        lines.append(f"estimated oracle time: unknown (no label made with {lab.oracle} in {config.run_dir} yet; "
+                     "pass --label-seconds with the time of one label)")
+    return lines
+
+
 def _run(args: argparse.Namespace) -> int:
     from alflow.config import load_config
     from alflow.loop import CONFIG, config_changes, run_is_complete, run_loop
@@ -73,6 +132,13 @@ def _run(args: argparse.Namespace) -> int:
     from alflow.preflight import preflight
 
     preflight(config, config_path)  # files, hyperparameters, oracle, device: before any label is computed
+    if getattr(args, "dry_run", False):
+        if args.label_seconds is not None and not args.label_seconds > 0:
+            from alflow.errors import InputError
+
+            raise InputError(f"--label-seconds: expected seconds > 0, got {args.label_seconds}")
+        print("\n".join(dry_run_plan(config, args.label_seconds)))
+        return 0
     stored = Path(config.run_dir) / CONFIG
     if run_is_complete(config) and not config_changes(load_config(stored), config):
         from alflow.loop import LoopRun, read_state
