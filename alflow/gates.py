@@ -58,7 +58,7 @@ class GateResult:
 
     ``errors`` and ``tolerances`` share keys (units in the key: ``_rel`` a fraction, ``_gpa``,
     ``_ev_per_atom``, ``_thz``); ``model`` and ``reference`` hold the property's summary values;
-    ``ratio`` is the largest error / tolerance (≤ 1 passes).
+    ``ratio`` is the largest error / tolerance (≤ 1 passes; None when nothing could be compared).
     """
 
     name: str
@@ -67,7 +67,7 @@ class GateResult:
     tolerances: dict[str, float]
     model: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
-    ratio: float = float("nan")
+    ratio: float | None = None
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,7 +280,7 @@ def _result(name: str, errors: dict[str, float], tols: dict[str, float], model: 
     checked = [errors[k] / t for k, t in tols.items()]
     ok = bool(checked) and all(np.isfinite(c) and c <= 1.0 for c in checked)
     return GateResult(name=name, passed=ok, errors=errors, tolerances=dict(tols), model=model, reference=reference,
-                      ratio=float(max(checked)) if checked else float("nan"))
+                      ratio=float(max(checked)) if checked else None)
 
 
 _TABLE: dict[str, tuple[Callable[..., list[Atoms]], Callable[..., dict], Callable[..., GateResult]]] = {
