@@ -90,3 +90,15 @@ def test_loop_runs_one_iteration_with_a_shallow_committee(tmp_path):
     model = potentials.load(tmp_path / "run" / state["final_model"], device="cpu")
     assert isinstance(model, ShallowCommittee) and model.n_members == 3
     assert state["stages"]["iter_000/train"]["result"]["members_mode"] == "shallow"
+
+
+def test_mean_mode_nll_fits_the_scale(tmp_path):
+    """forces_mode mean: the NLL uses the per-atom energy spread; its scale s (1/Å) is fitted and becomes α."""
+    frames = cu_frames(8, (0.02, 0.1), seed=3)
+    cfg = TrainingConfig(epochs=2, nll_epochs=3, lr=5e-3, batch_size=4, valid_fraction=0.25)
+    sc = ShallowCommittee.build("schnet", 3, ["Cu"], 4.0, seed=0, forces_mode="mean", **TINY)
+    result = train_committee(sc, frames, cfg, device="cpu", seed=0, progress=False)
+    history = result.extra["nll"]["history"]
+    assert len(history) == 4 and all(np.isfinite(h["valid_nll"]) for h in history)
+    assert history[-1]["s"] != 1.0  # the scale was trained
+    assert float(sc.alpha) == pytest.approx(result.extra["nll"]["s"])
