@@ -35,7 +35,7 @@ from alflow.results import Explored, Initial
 FIGURES = {
     "learning_curve": "Learning curve",
     "uncertainty_vs_error": "Uncertainty vs true error on the labelled frames",
-    "calibration": "Calibration: predicted vs true max force error, before and after, per iteration",
+    "calibration": "Calibration: predicted vs true force error of the labelled frames, before and after",
     "uncertainty_histograms": "Max force deviation of the explored frames",
     "walker_status": "Walker stop statuses",
 }
@@ -131,13 +131,14 @@ def plot_uncertainty_vs_error(errors: dict[int, list[dict[str, Any]]], lower: fl
     return _png(fig)
 
 
-def plot_calibration(errors: dict[int, list[dict[str, Any]]], lower: float) -> bytes | None:
-    """Two log-log panels per labelled frame: raw (α = 1) and calibrated max force deviation at selection time
-    vs the true max force error (eV/Å), coloured by iteration; the diagonal is perfect calibration."""
-    panels = {"raw_max_force_deviation": "before: raw committee deviation (alpha = 1)",
-              MAX_FORCE_DEVIATION: "after: calibrated deviation (the map in force)"}
-    data = {key: {i: [(e[key], e["max_force_error"]) for e in rows if e.get(key) and e[key] > 0
-                      and e.get("max_force_error") and e["max_force_error"] > 0] for i, rows in errors.items()}
+def plot_calibration(errors: dict[int, list[dict[str, Any]]]) -> bytes | None:
+    """Two log-log panels per labelled frame: raw (α = 1) and calibrated force deviation at selection time vs
+    the true force error, both RMS over the frame's atoms of the per-atom values (eV/Å; a calibrated committee
+    has E|ΔF_i|² = c_i², so the diagonal is perfect calibration), coloured by iteration."""
+    panels = {"raw_rms_force_deviation": "before: raw committee deviation (alpha = 1)",
+              "rms_force_deviation": "after: calibrated deviation (the map in force)"}
+    data = {key: {i: [(e[key], e["rms_force_error"]) for e in rows if e.get(key) and e[key] > 0
+                      and e.get("rms_force_error") and e["rms_force_error"] > 0] for i, rows in errors.items()}
             for key in panels}
     if not any(p for d in data.values() for p in d.values()):
         return None
@@ -150,15 +151,13 @@ def plot_calibration(errors: dict[int, list[dict[str, Any]]], lower: float) -> b
         for colour, (i, p) in zip(_colours(len(pairs)), sorted(pairs.items()), strict=True):
             ax.scatter([a for a, _ in p], [b for _, b in p], color=colour, s=16, label=f"iteration {i}")
         ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="error = deviation")
-        if lo < lower < hi:
-            ax.axvline(lower, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("predicted max force deviation (eV/Å)")
-        ax.set_ylabel("true max force error (eV/Å)")
+        ax.set_xlabel("predicted force deviation, RMS over atoms (eV/Å)")
+        ax.set_ylabel("true force error |ΔF|, RMS over atoms (eV/Å)")
         ax.grid(alpha=0.3, which="both")
         if pairs:
             ax.legend(fontsize=7)
@@ -404,7 +403,7 @@ def make_figures(data: dict[str, Any]) -> dict[str, bytes]:
     out = {
         "learning_curve": plot_learning_curve(data["rows"]),
         "uncertainty_vs_error": plot_uncertainty_vs_error(data["errors"], data["lower"], data["upper"]),
-        "calibration": plot_calibration(data["errors"], data["lower"]),
+        "calibration": plot_calibration(data["errors"]),
         "uncertainty_histograms": plot_uncertainty_histograms(data["scores"], data["lower"], data["upper"]),
         "walker_status": plot_walker_status(data["statuses"]),
         **{f"gate_{n}": plot_gate(data["rows"], n) for n in _gate_names(data["rows"])},

@@ -334,12 +334,17 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
                     rejections=dict(s["rejections"]), selected=selected, predictions=predictions)
 
 
+def _rms(values: Any) -> float | None:
+    return None if values is None or np.size(values) == 0 else finite(np.sqrt(np.mean(np.square(values))))
+
+
 def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, Any]]:
     """Committee prediction (``arrays[PRED_FORCES]``, ``info[PRED_ENERGY]``) vs label for each frame now
     in the dataset (eV/Å, eV/atom)."""
     from alflow.io import frame_hash
     from alflow.keys import (
         ENERGY_DEVIATION_PER_ATOM,
+        FORCE_DEVIATION,
         FRAME_HASH,
         MAX_FORCE_DEVIATION,
         PRED_ENERGY,
@@ -363,6 +368,11 @@ def prediction_errors(predicted: list, dataset_frames: list) -> list[dict[str, A
             "frame_hash": h, "walker": str(atoms.info.get(WALKER, "")), "step": int(atoms.info.get(STEP, -1)),
             MAX_FORCE_DEVIATION: finite(atoms.info.get(MAX_FORCE_DEVIATION, np.nan)),
             "raw_max_force_deviation": finite(atoms.info.get("raw_max_force_deviation", np.nan)),
+            # RMS over the frame's atoms of the per-atom deviation (raw α = 1, and as scored/calibrated) and of
+            # |ΔF_i|: like with like for a calibrated committee (E|ΔF_i|² = c_i²), eV/Å
+            "raw_rms_force_deviation": _rms(atoms.arrays.get("raw_force_deviation")),
+            "rms_force_deviation": _rms(atoms.arrays.get(FORCE_DEVIATION)),
+            "rms_force_error": float(np.sqrt(np.mean(np.sum(diff**2, axis=1)))),
             ENERGY_DEVIATION_PER_ATOM: finite(atoms.info.get(ENERGY_DEVIATION_PER_ATOM, np.nan)),
             "max_force_error": float(np.linalg.norm(diff, axis=1).max()),
             "force_rmse": float(np.sqrt(np.mean(diff**2))),

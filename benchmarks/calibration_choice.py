@@ -8,7 +8,8 @@ scores each map on held-out frames two ways:
 * random: frames of all iterations split in halves (5 random splits), fit on one, evaluate on the other.
 
 Metrics (alflow.calibration): Gaussian NLL per atom (nats, lower is better), miscalibration area (0 is
-perfect), Spearman rank correlation of deviation and error (atoms).
+perfect), Spearman rank correlation of deviation and error (atoms), and RMS err / RMS c over the test atoms
+(1: calibrated in mean square; > 1: large errors under-predicted).
 
     python benchmarks/calibration_choice.py RUN_DIR [RUN_DIR ...] [--json out.json]
 """
@@ -69,7 +70,8 @@ def run_pairs(run_dir: Path) -> list[dict[str, np.ndarray]]:
 def _score(cmap: cal.CalibrationMap, test: dict[str, np.ndarray]) -> dict[str, float | None]:
     c = cmap.apply(test["raw"], test["numbers"])
     return {"nll": cal.gaussian_nll(c, test["error"]), "area": cal.miscalibration_area(c, test["error"]),
-            "spearman": cal.spearman(c, test["error"])}
+            "spearman": cal.spearman(c, test["error"]),
+            "ms_ratio": float(np.sqrt(np.sum(test["error"] ** 2) / np.sum(c**2)))}
 
 
 def _concat(parts: list[dict[str, np.ndarray]], weights: list[float]) -> tuple[np.ndarray, ...]:
@@ -107,7 +109,7 @@ def evaluate(iterations: list[dict[str, np.ndarray]]) -> dict[str, dict[str, dic
             rand.append(_score(cal.fit_map(x, y, z, w, kind=kind, min_atoms=min_atoms),
                                {"raw": tx, "error": ty, "numbers": tz}))
         results[name] = {split: {m: float(np.mean([r[m] for r in rows if r[m] is not None]))
-                                 for m in ("nll", "area", "spearman")}
+                                 for m in ("nll", "area", "spearman", "ms_ratio")}
                          for split, rows in (("temporal", temporal), ("random", rand)) if rows}
     return results
 
@@ -125,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(i['raw'].size for i in iterations)} atoms")
         res = evaluate(iterations)
         report[str(run)] = res
-        print(f"{'variant':34s} {'split':9s} {'NLL':>7s} {'area':>6s} {'Spearman':>8s}")
+        print(f"{'variant':34s} {'split':9s} {'NLL':>7s} {'area':>6s} {'Spearman':>8s} {'RMS err/c':>9s}")
         for name, splits in res.items():
             for split, m in splits.items():
-                print(f"{name:34s} {split:9s} {m['nll']:7.3f} {m['area']:6.3f} {m['spearman']:8.3f}")
+                print(f"{name:34s} {split:9s} {m['nll']:7.3f} {m['area']:6.3f} {m['spearman']:8.3f} {m['ms_ratio']:9.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
