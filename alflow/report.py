@@ -348,7 +348,9 @@ def _summary_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
         ("trust window", f"[{data['lower']:g}, {data['upper']:g}) eV/Å"),
         ("sessions", str(len(state.get("sessions", [])))),
         ("time in stages", f"{stage_seconds:.1f} s"),
-    ]
+    ] + ([("foundation E0 shift", ", ".join(f"{el} {v:+.4f} eV" for el, v in shift.items())
+           + f"; scale {rows[-1].get('foundation_scale', 1.0):.4g} (alflow.foundation)")]
+         if rows and (shift := rows[-1].get("foundation_e0_shift")) else [])
 
 
 def render_markdown(data: dict[str, Any], figures: dict[str, str] | None = None) -> str:

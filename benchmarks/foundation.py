@@ -143,7 +143,7 @@ def force_rmse(model_path: str, frames: list) -> float:
 
 def compare(out: Path, seeds: list[int], iterations: int, standin: Path | None) -> list[dict[str, Any]]:
     from alflow.config import config_from_dict
-    from alflow.loop import read_state, run_loop
+    from alflow.loop import read_state, run_loop, stage_key
 
     out.mkdir(parents=True, exist_ok=True)
     if standin is None:
@@ -163,9 +163,7 @@ def compare(out: Path, seeds: list[int], iterations: int, standin: Path | None) 
             labels = 6
             for it in state["iterations"]:
                 i = it["iteration"]
-                model = run_dir / f"train_{i:03d}" / "committee.pt"
-                if not model.is_file():
-                    model = next(run_dir.glob(f"*{i:03d}*/committee.pt"), None) or model
+                model = run_dir / stage_key("train", i) / "committee.pt"
                 rows.append({"seed": seed, "mode": mode, "iteration": i, "labels_trained_on": labels,
                              "test_forces_rmse": force_rmse(str(model), test)})
                 labels = it["labels_total"]

@@ -100,7 +100,7 @@ def dry_run_plan(config: Any, label_seconds: float | None = None) -> list[str]:
              f"oracle labels at most: {capped}" + (f" (loop.max_labels caps {total})" if capped < total else ""),
              f"oracle calls at most: {capped * (1 + lab.retries)} (labels x (1 + labelling.retries {lab.retries}))"]
     times = []
-    for path in sorted(Path(config.run_dir).glob(f"*/{LABELLED}")):
+    for path in sorted(Path(config.run_dir).rglob(LABELLED)):
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
