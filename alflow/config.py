@@ -14,6 +14,7 @@ import hashlib
 import os
 import functools
 import re
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -425,6 +426,12 @@ class LabellingConfig(_Model):
                                   "runs; a calculation that needs more fails as an error (MemoryError). It limits virtual memory: "
                                   "leave it null for GPU oracles (CUDA reserves large address ranges). null: no limit.")
     fallback_parameters: list[dict[str, Any]] = Field(default_factory=list, description="Parameter overrides tried on retries.")
+    mpi_command: str | None = Field(
+        None, min_length=1, description="MPI launcher put in front of the code's command (QE, CP2K, VASP, a "
+                                        "'module:Class' taking `command`), e.g. 'srun -n {cores}' or 'mpirun -np {cores}'.")
+    cores_per_calculation: Bounded(100000, kind=int) = Field(1, ge=1, description="MPI ranks per calculation ({cores} of mpi_command).")
+    max_in_flight: Bounded(100000, kind=int) | None = Field(
+        None, ge=1, description="Calculations running at once in a label stage; null: execution.max_workers.")
     max_force_warning: Bounded(1e6, "eV/Å") = Field(
         50.0, gt=0, description="Warn about labels whose largest force exceeds this (eV/Å; usually overlapping atoms); "
                                 "they are stored, `alflow data remove --where 'max_force>50'` removes them.")
@@ -437,6 +444,30 @@ class LabellingConfig(_Model):
         if not _IMPORT_PATH.match(v):
             raise ValueError(f"unknown oracle; use one of {', '.join(BUILTIN_ORACLES)} or 'package.module:Class'")
         return v
+
+    @model_validator(mode="after")
+    def _mpi(self) -> LabellingConfig:
+        if self.mpi_command is None:
+            if self.cores_per_calculation != 1:
+                raise _fail("cores_per_calculation needs mpi_command (e.g. 'srun -n {cores}')", "cores_per_calculation",
+                            got=self.cores_per_calculation)
+            return self
+        from alflow.oracles import ORACLES
+
+        spec = ORACLES.get(self.oracle)
+        if spec is not None and spec.executable is None and not spec.env_command:
+            raise _fail(f"oracle {self.oracle} runs inside the Python worker, not as a command an MPI launcher can "
+                        "start; mpi_command works with espresso, cp2k, vasp or a 'module:Class' taking command",
+                        "mpi_command", got=self.mpi_command)
+        try:
+            launcher = self.mpi_command.format(cores=self.cores_per_calculation)
+            words = shlex.split(launcher)
+        except (KeyError, IndexError, ValueError) as err:
+            raise _fail(f"expected a launcher command with at most the placeholder (cores) ({err})", "mpi_command",
+                        got=self.mpi_command) from None
+        if not words:
+            raise _fail("expected a launcher command, e.g. 'srun -n {cores}'", "mpi_command", got=self.mpi_command)
+        return self
 
 
 class EOSGateConfig(_Model):
@@ -517,12 +548,122 @@ class LoopConfig(_Model):
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons).")
 
 
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")  # [D-]HH:MM[:SS], Slurm's and PBS's forms
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|[KMGTP]i?B)$", re.IGNORECASE)  # 64GB, 3.5GiB (dask.utils.parse_bytes)
+
+
+class PoolConfig(_Model):
+    """One kind of batch job: each job is a Dask worker on a Slurm/PBS node (``alflow.cluster``)."""
+
+    jobs: Bounded(10000, kind=int) = Field(1, ge=0, description="Jobs of this pool submitted when the flow starts.")
+    queue: str | None = Field(None, min_length=1, description="Slurm partition / PBS queue (-p / -q).")
+    account: str | None = Field(None, min_length=1, description="Account charged (-A).")
+    walltime: str = Field("01:00:00", description="Wall-time limit of each job, [D-]HH:MM[:SS].")
+    cores: Bounded(4096, kind=int) = Field(1, ge=1, description="CPU cores per job.")
+    memory: str = Field("4GB", description="Memory per job, e.g. 64GB.")
+    processes: Bounded(4096, kind=int) = Field(1, ge=1, description="Dask worker processes per job (cores are shared among them).")
+    gpus: Bounded(64, kind=int) = Field(0, ge=0, description="GPUs per job (Slurm --gres=gpu:N or --gpus=N; PBS ngpus=N).")
+    gpu_directive: Literal["gres", "gpus"] = Field("gres", description="Slurm: request GPUs as --gres=gpu:N or --gpus=N.")
+    prologue: list[str] = Field(default_factory=list, description="Shell lines run before the worker starts (module load, conda activate).")
+    directives: list[str] = Field(default_factory=list, description="Extra scheduler directives, e.g. '--constraint=a100' (Slurm) or '-l place=scatter' (PBS).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Dask worker resources each worker advertises, e.g. {GPU: 1}; "
+                                                                          "execution.dask_resources sends stages there.")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str) -> str:
+        if not _WALLTIME.match(v.strip()):
+            raise ValueError("expected a wall time [D-]HH:MM[:SS], e.g. 02:00:00 or 1-00:00:00")
+        return v.strip()
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not _MEMORY.match(v.strip()):
+            raise ValueError("expected an amount of memory with its unit, e.g. 64GB or 3.5GiB")
+        return v.strip().replace(" ", "")
+
+    @field_validator("prologue", "directives")
+    @classmethod
+    def _lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if "\n" in line or not line.strip():
+                raise ValueError("expected one non-empty line per entry (a list of lines)")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> PoolConfig:
+        if self.processes > self.cores:
+            raise _fail("expected at most one worker process per core", "processes", got=self.processes)
+        for name, amount in self.resources.items():
+            if not amount > 0:
+                raise _fail("expected a positive amount of a worker resource", "resources", name, got=amount)
+        return self
+
+
+class AdaptConfig(_Model):
+    """Adaptive scaling of a one-pool cluster: Dask submits and cancels jobs between these bounds."""
+
+    minimum_jobs: Bounded(10000, kind=int) = Field(0, ge=0, description="Fewest jobs kept.")
+    maximum_jobs: Bounded(10000, kind=int) = Field(1, ge=1, description="Most jobs at once.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AdaptConfig:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise _fail("expected minimum_jobs <= maximum_jobs", "minimum_jobs", got=self.minimum_jobs)
+        return self
+
+
+CLUSTER_KINDS = ("local", "address", "slurm", "pbs")
+
+
+class ClusterConfig(_Model):
+    """Where the Dask workers come from (task_runner: dask): ``alflow.cluster``, docs/cluster.md."""
+
+    kind: Literal["local", "address", "slurm", "pbs"] = Field(
+        "local", description="local: a LocalCluster of max_workers processes; address: a running scheduler; "
+                             "slurm / pbs: batch jobs through dask-jobqueue.")
+    address: str | None = Field(None, min_length=1, description="kind address: the scheduler, e.g. tcp://10.0.0.5:8786.")
+    pools: dict[str, PoolConfig] = Field(default_factory=dict, description="kind slurm/pbs: the kinds of job, "
+                                         "e.g. {gpu: {gpus: 1, resources: {GPU: 1}}, cpu: {cores: 32}}.")
+    adapt: AdaptConfig | None = Field(None, description="kind slurm/pbs with one pool: adaptive number of jobs.")
+    interface: str | None = Field(None, min_length=1, description="Network interface the scheduler and workers use (e.g. ib0); null: Dask's default.")
+    log_directory: FilePath | None = Field(None, description="Where the jobs write their stdout/stderr; null: the submit directory.")
+    dashboard_address: str = Field("127.0.0.1:8787", min_length=1, description="Dask dashboard (loopback: reach it through an ssh tunnel).")
+    python: str | None = Field(None, min_length=1, description="Python of the workers on the nodes; null: this interpreter.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _kind(self) -> ClusterConfig:
+        if (self.kind == "address") != (self.address is not None):
+            raise _fail("address is set exactly when kind is address", "address", got=self.address)
+        batch = self.kind in ("slurm", "pbs")
+        if self.pools and not batch:
+            raise _fail(f"pools need kind slurm or pbs, not {self.kind}", "pools", got=sorted(self.pools))
+        if batch and not self.pools:
+            raise _fail(f"kind {self.kind} needs at least one pool, e.g. pools: cpu: cores: 8", "pools",
+                        got=self.pools)
+        if self.adapt is not None and (not batch or len(self.pools) != 1):
+            raise _fail("adapt needs kind slurm/pbs with exactly one pool (Dask's adaptive scaling cannot tell which "
+                        "pool a stage's resources need): set jobs per pool instead", "adapt", got=sorted(self.pools))
+        for name in self.pools:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise _fail("expected a pool name of letters, digits and '_'", "pools", name, got=name)
+        return self
+
+
 class ExecutionConfig(_Model):
     """Where and how tasks run."""
 
     task_runner: Literal["thread", "process", "dask"] = Field("thread", description="Prefect task runner.")
     max_workers: Bounded(4096, kind=int) = Field(2, ge=1, description="Concurrent tasks.")
-    dask_address: str | None = Field(None, description="Scheduler address for task_runner=dask; null starts a local cluster.")
+    dask_address: str | None = Field(None, description="Deprecated alias of cluster: {kind: address, address: ...}.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="task_runner=dask: local, address, slurm or pbs "
+                                   "(alflow.cluster, docs/cluster.md).")
     dask_resources: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="task_runner=dask: worker resources each stage needs, e.g. {train: {GPU: 1}, explore: {GPU: 1}} "
@@ -536,6 +677,14 @@ class ExecutionConfig(_Model):
             raise _fail("dask_address needs task_runner: dask", "dask_address", got=self.dask_address)
         if self.dask_resources and self.task_runner != "dask":
             raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
+        if self.cluster.kind != "local" and self.task_runner != "dask":
+            raise _fail(f"cluster kind {self.cluster.kind} needs task_runner: dask", "cluster", "kind", got=self.cluster.kind)
+        if self.dask_address is not None:  # the old spelling of cluster kind address
+            if self.cluster.kind != "local":
+                raise _fail("give either dask_address (deprecated) or cluster, not both", "dask_address",
+                            got=self.dask_address)
+            object.__setattr__(self, "cluster", ClusterConfig(kind="address", address=self.dask_address))
+        pools = self.cluster.pools
         stages = STAGES  # the stage table (alflow.results)
         for stage, needs in self.dask_resources.items():
             if stage not in stages:
@@ -544,6 +693,10 @@ class ExecutionConfig(_Model):
                 if not amount > 0:
                     raise _fail("expected a positive amount of a worker resource", "dask_resources", stage, name,
                                 got=amount)
+                if pools and not any(p.resources.get(name, 0) >= amount for p in pools.values()):
+                    raise _fail(f"no pool of execution.cluster.pools advertises {name}={amount:g} (its tasks would wait "
+                                f"forever); add it to a pool's resources", "dask_resources", stage,
+                                name, got=amount)
         return self
 
 
@@ -624,6 +777,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _value_type(annotation: Any) -> Any:
+    """The value type of a ``dict[str, X]`` annotation (also inside Optional), else None."""
+    for a in (typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)):
+        if typing.get_origin(a) is dict:
+            return typing.get_args(a)[1]
+    return None
+
+
 def _item_type(annotation: Any) -> Any:
     for a in (typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)):
         if typing.get_origin(a) in (list, tuple):
@@ -641,6 +802,9 @@ def _clean_loc(loc: tuple[str | int, ...]) -> tuple[str, tuple[str | int, ...], 
         if isinstance(part, int):
             parts.append(part)
             annotation = _item_type(annotation)
+        elif model is None and (value := _value_type(annotation)) is not None:  # a key of a dict field (pools.gpu)
+            parts.append(part)
+            annotation = value
         elif model is not None:
             parts.append(part)
             field = model.model_fields.get(part)

@@ -66,6 +66,7 @@ import json
 import logging
 import os
 import uuid
+import shlex
 import shutil
 import signal
 import subprocess
@@ -444,8 +445,39 @@ def probe_oracle(config: LabellingConfig, atoms: Atoms, workdir: str | os.PathLi
 
 def _attempt_parameters(config: LabellingConfig, attempt: int) -> dict[str, Any]:
     if attempt == 0 or not config.fallback_parameters:
-        return dict(config.parameters)
-    return deep_merge(config.parameters, config.fallback_parameters[(attempt - 1) % len(config.fallback_parameters)])
+        return _launched(config, dict(config.parameters))
+    return _launched(config, deep_merge(config.parameters,
+                                        config.fallback_parameters[(attempt - 1) % len(config.fallback_parameters)]))
+
+
+def mpi_launched_command(config: LabellingConfig, parameters: dict[str, Any]) -> str | list[str] | None:
+    """The code's command behind ``labelling.mpi_command`` (``{cores}`` = ``cores_per_calculation``), or None.
+
+    The code's own command is ``parameters.command``, else the oracle's environment variable
+    (VASP's ``ASE_VASP_COMMAND``), else its default executable (``pw.x``, ``cp2k_shell``):
+    ``srun -n {cores}`` + ``pw.x`` runs QE as ``srun -n 8 pw.x`` inside the label task's batch job.
+    """
+    if not config.mpi_command:
+        return None
+    from alflow.oracles import ORACLES, command_argv
+
+    spec = ORACLES.get(config.oracle)
+    command = parameters.get("command")
+    if command is None and spec is not None:
+        command = next((os.environ[v] for v in spec.env_command if os.environ.get(v)), None) or spec.executable
+    if command is None:
+        raise OracleError(f"labelling.mpi_command: oracle {config.oracle!r} has no command to launch; "
+                          "set labelling.parameters.command")
+    launcher = shlex.split(config.mpi_command.format(cores=config.cores_per_calculation))
+    code = command_argv(command, "labelling.parameters.command")
+    if code[: len(launcher)] == launcher:  # already launched (a command given with its launcher)
+        return command
+    return [*launcher, *code] if isinstance(command, (list, tuple)) else shlex.join([*launcher, *code])
+
+
+def _launched(config: LabellingConfig, parameters: dict[str, Any]) -> dict[str, Any]:
+    command = mpi_launched_command(config, parameters)
+    return parameters if command is None else {**parameters, "command": command}
 
 
 def _labelled_frame(atoms: Atoms, result: dict[str, Any], config: LabellingConfig, params: dict, attempt: int) -> Atoms:

@@ -76,7 +76,8 @@ def _label_into(frames: list, cfg: RunConfig, ds: Any, workdir: Path, progress: 
     from alflow.label import FAILURES, label_frames, read_failures
 
     hashes = {frame_hash(a) for a in frames}
-    res = label_frames(frames, cfg.labelling, ds, workdir, progress=progress, max_workers=cfg.execution.max_workers,
+    res = label_frames(frames, cfg.labelling, ds, workdir, progress=progress,
+                       max_workers=cfg.labelling.max_in_flight or cfg.execution.max_workers,
                        retry_failed=retry_failed)
     stored = hashes & ds.hashes
     final = {r["frame_hash"] for r in read_failures(workdir / FAILURES) if r.get("final")}

@@ -15,8 +15,9 @@ publishes it as a markdown artifact.
 
 ``run_flow(config_path)`` picks the task runner from ``execution.task_runner``:
 ``thread`` (ThreadPoolTaskRunner with ``max_workers``), ``process``
-(ProcessPoolTaskRunner) or ``dask`` (prefect-dask's DaskTaskRunner on
-``dask_address``, or a LocalCluster of ``max_workers`` single-threaded workers).
+(ProcessPoolTaskRunner) or ``dask`` (prefect-dask's DaskTaskRunner on ``execution.cluster``:
+a LocalCluster of ``max_workers`` single-threaded workers, a scheduler ``address``, or Slurm/PBS
+jobs through ``alflow.cluster.BatchCluster``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,17 @@ def task_runner(execution: ExecutionConfig) -> Any:
     except ImportError as err:
         raise RuntimeError("execution.task_runner: dask needs the prefect-dask package; install it with "
                            "`pip install prefect-dask` (or use task_runner: thread)") from err
-    if execution.dask_address:
-        return DaskTaskRunner(address=execution.dask_address)
+    cluster = execution.cluster  # dask_address (deprecated) arrives here as kind address
+    if cluster.kind == "address":
+        return DaskTaskRunner(address=cluster.address)
+    if cluster.kind in ("slurm", "pbs"):  # one scheduler here, every pool's batch jobs (alflow.cluster)
+        from alflow.cluster import BatchCluster, adapt_kwargs, job_class
+
+        job_class(cluster.kind)  # dask-jobqueue installed? (an InputError naming the extra, before the flow starts)
+        return DaskTaskRunner(cluster_class=BatchCluster, cluster_kwargs={"cluster": cluster.model_dump(mode="json")},
+                              adapt_kwargs=adapt_kwargs(cluster) or None)
     return DaskTaskRunner(cluster_kwargs={"n_workers": execution.max_workers, "threads_per_worker": 1,
-                                          "dashboard_address": LOCAL_DASHBOARD})
+                                          "dashboard_address": cluster.dashboard_address or LOCAL_DASHBOARD})
 
 
 def worker_resources(execution: ExecutionConfig, stage: str) -> contextlib.AbstractContextManager:

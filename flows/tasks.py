@@ -82,14 +82,14 @@ def stage_timeouts(config: RunConfig) -> dict[str, float | None]:
 
     train: every member may use ``training.max_time_s`` plus validation, twice over;
     initial/label: every attempt of every frame at ``labelling.timeout_s``, in
-    rounds of ``execution.max_workers``. Explore and select have no limit.
+    rounds of ``labelling.max_in_flight`` (default ``execution.max_workers``). Explore and select have no limit.
     The flow applies them with the process and Dask runners only: in a thread
     Prefect cannot interrupt a blocking call (a subprocess wait, a torch kernel)
     and would fail a stage after it finished. Labelling enforces
     ``labelling.timeout_s`` per calculation itself, training ``training.max_time_s``.
     """
     lab = config.labelling
-    workers = config.execution.max_workers
+    workers = lab.max_in_flight or config.execution.max_workers
 
     def labelling(n: int) -> float:
         return lab.timeout_s * (lab.retries + 1) * math.ceil(max(n, 1) / workers) + 600.0
