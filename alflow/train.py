@@ -39,7 +39,7 @@ Recipe (``_fit``, ``_fit_grouped``; every knob is a ``training`` field):
   two-atom structure (masked out of the loss), one AdamW runs over the stacked tensors
   (elementwise, so it equals K AdamWs) with a per-member LR and update mask that freezes
   stopped members. ``auto``: grouped on an accelerator, sequential on the CPU (grouped
-  measured no faster there, docs/benchmarks.md) and for MACE. Both paths give the same losses to float
+  measured no faster there, docs/benchmarks.md) and for ``SEQUENTIAL_ARCHITECTURES``. Both paths give the same losses to float
   rounding (tests/alflow/test_train_grouped.py).
 * ``max_time_s`` is checked after every batch (per member; K × it for members trained
   together); the validation of the last (partial) epoch and the final metrics run past it.
@@ -254,7 +254,9 @@ READ_EVERY = 50  # training steps between host reads of the accumulated losses /
 ATOM_MASK, STRUCT_MASK, SPECIES = "atom_mask", "struct_mask", "species"
 _ATOM_KEYS = (keys.POSITIONS, keys.NUMBERS, keys.REF_FORCES)
 _NOT_STRUCT = (*_ATOM_KEYS, keys.EDGE_INDEX, keys.SHIFTS, keys.BATCH)
-SEQUENTIAL_ARCHITECTURES = frozenset({"mace"})  # trained one member after another under members: auto
+# trained one member after another under members: auto: torch.vmap cannot map them (bincount /
+# repeat_interleave with data-dependent shapes); members: grouped tries, warns and falls back
+SEQUENTIAL_ARCHITECTURES = frozenset({"ani", "dimenetpp"})
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

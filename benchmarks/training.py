@@ -3,6 +3,7 @@
     python benchmarks/training.py [--frames 500] [--members 4] [--archs schnet painn]
                                   [--max-time 120] [--threads 1] [--device cpu] [--no-warm]
     python benchmarks/training.py --speed [--speed-epochs 2] [--device cuda]   # old vs new trainer only
+    python benchmarks/training.py --parity schnet painn mace ...               # grouped = sequential?
 
 0. ``--speed`` (or ``--speed-too``): the trainer before issue 13 (``alflow/train.py`` at commit
    ``OLD_COMMIT``, read with ``git show``: members one after another, frames collated per step,
@@ -130,6 +131,35 @@ def speed(args: argparse.Namespace, frames: list, report: dict) -> None:
                        "repeats": args.repeats, "seconds_per_committee_epoch": best}
 
 
+def parity(archs: list[str]) -> None:
+    """Grouped vs sequential members per architecture (default hparams): 2 members, 12 four-atom Cu frames,
+    float64, bootstrap, 2 epochs; the largest relative difference of the validation losses and the mode used."""
+    import warnings
+
+    import potentials
+
+    frames = cu_emt_dataset(12, seed=1, sizes=(4,), frames_per_run=6, equilibration=10, sample_every=3)
+    print(f"\n## grouped vs sequential members (float64): {', '.join(archs)}")
+    for arch in archs:
+        losses, modes = {}, {}
+        for mode in ("sequential", "grouped"):
+            models = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                models.append(potentials.build(arch, species=["Cu"], cutoff=4.0))
+            cfg = TrainingConfig(epochs=2, batch_size=3, lr=5e-3, ema_decay=0.9, valid_fraction=0.25, members=mode)
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = train_committee(models, frames, cfg, bootstrap=True, device="cpu", dtype="float64", seed=3,
+                                    progress=False)
+            losses[mode] = np.array([h["valid_loss"] for m in r.members for h in m.history])
+            modes[mode] = (r.extra["members_mode"], time.perf_counter() - t)
+        diff = float(np.max(np.abs(losses["grouped"] - losses["sequential"]) / np.abs(losses["sequential"])))
+        print(f"{arch:<10} grouped ran as {modes['grouped'][0]:<10} max rel. diff {diff:.1e}   "
+              f"s: sequential {modes['sequential'][1]:.1f}, grouped {modes['grouped'][1]:.1f}")
+
+
 def config(args: argparse.Namespace, lr: float) -> TrainingConfig:
     return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, patience=args.patience,
                           ema_decay=0.99, grad_clip=10.0, energy_weight=10.0, forces_weight=10.0,
@@ -155,7 +185,13 @@ def main() -> int:
     p.add_argument("--speed-epochs", type=int, default=2, help="epochs per speed run")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the speed comparison (best of)")
     p.add_argument("--batch-atoms", type=int, default=None, help="also time grouped members with this atom budget")
+    p.add_argument("--parity", nargs="+", default=None, metavar="ARCH",
+                   help="only: grouped vs sequential members for these architectures (float64, tiny data)")
     args = p.parse_args()
+    if args.parity:
+        torch.set_num_threads(args.threads)
+        parity(args.parity)
+        return 0
     torch.set_num_threads(args.threads)
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # one-off import of torch._dynamo, outside the timings
     report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),

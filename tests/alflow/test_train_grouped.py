@@ -184,15 +184,15 @@ def test_schedule_warmup_cosine_and_final_stage():
     assert early.done  # final_epochs later
 
 
-def test_members_auto_is_sequential_on_cpu_and_for_mace():
+def test_members_auto_is_sequential_on_cpu_and_for_unmappable_architectures():
     cfg = TrainingConfig()
     assert members_mode(cfg, members(), torch.device("cpu")) == "sequential"
     assert members_mode(cfg, members(), torch.device("cuda")) == "grouped"
     assert members_mode(cfg, members(1), torch.device("cuda")) == "sequential"
-    mace_like = members()
-    for m in mace_like:
-        m.architecture = "mace"
-    assert members_mode(cfg, mace_like, torch.device("cuda")) == "sequential"
+    ani_like = members()
+    for m in ani_like:
+        m.architecture = "ani"
+    assert members_mode(cfg, ani_like, torch.device("cuda")) == "sequential"
     assert members_mode(TrainingConfig(members="grouped"), members(), torch.device("cpu")) == "grouped"
 
 
@@ -218,3 +218,25 @@ def test_grouped_warm_start_and_divergence(frames, tmp_path):
     assert all(torch.isfinite(p).all() for p in good.parameters())
     for name, tensor in models[0].state_dict().items():  # the member got the last good weights back
         torch.testing.assert_close(good.state_dict()[name], tensor)
+
+
+@pytest.mark.slow
+def test_grouped_mace_equals_sequential(frames):
+    """MACE members (mace-torch under vmap, potentials/mace.py) train together as they do one by one."""
+    pytest.importorskip("mace")
+    hp = dict(hidden_irreps="8x0e + 8x1o", max_ell=1, correlation=2, num_interactions=1, num_radial_basis=4,
+              radial_MLP=[8], MLP_irreps="4x0e")
+    small = [a for a in frames if len(a) == 4][:10]
+    out = {}
+    for mode in ("sequential", "grouped"):
+        models = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            models.append(potentials.build("mace", species=["Cu"], cutoff=CUTOFF, **hp))
+        cfg = TrainingConfig(epochs=2, batch_size=3, lr=5e-3, ema_decay=0.9, valid_fraction=0.3, members=mode)
+        out[mode] = train_committee(models, small, cfg, bootstrap=True, device="cpu", dtype="float64", seed=3,
+                                    progress=False)
+    assert out["grouped"].extra["members_mode"] == "grouped"
+    for a, b in zip(out["sequential"].members, out["grouped"].members):
+        for ha, hb in zip(a.history, b.history):
+            assert hb["valid_loss"] == pytest.approx(ha["valid_loss"], rel=1e-9)
