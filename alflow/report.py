@@ -156,6 +156,10 @@ def plot_calibration(errors: dict[int, list[dict[str, Any]]]) -> bytes | None:
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_title(title, fontsize=9)
+        from matplotlib.ticker import NullFormatter
+
+        for axis in (ax.xaxis, ax.yaxis):  # decade labels only (minor labels overlap on short ranges)
+            axis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("predicted force deviation, RMS over atoms (eV/Å)")
         ax.set_ylabel("true force error |ΔF|, RMS over atoms (eV/Å)")
         ax.grid(alpha=0.3, which="both")
