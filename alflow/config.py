@@ -146,6 +146,16 @@ class RattleConfig(_Model):
     strain: float = Field(0.02, ge=0, lt=1, description="Maximum random cell strain (fraction, e.g. 0.02 = 2 %).")
 
 
+class FoundationExploreConfig(_Model):
+    """First labels picked from a short MD with the foundation model (``potential.foundation``) instead of rattling."""
+
+    n_frames: Bounded(100_000, kind=int) = Field(20, ge=1, description="Frames picked by farthest-point sampling and labelled.")
+    steps: Bounded(1_000_000, kind=int) = Field(200, ge=1, description="Langevin MD steps per structure with the foundation.")
+    stride: int = Field(5, ge=1, description="Keep a snapshot every this many steps.")
+    temperature: Temperature = Field(600.0, description="MD temperature (K).")
+    timestep: Bounded(100.0, "fs") = Field(2.0, gt=0, description="Time step (fs).")
+
+
 class SystemConfig(_Model):
     """The material: starting structures (files or ``build``) and the first training data."""
 
@@ -155,6 +165,8 @@ class SystemConfig(_Model):
     min_cell_length: Bounded(500.0, "Å") | None = Field(None, gt=0, description="Repeat until every perpendicular cell width is at least this (Å).")
     initial_dataset: FilePath | None = Field(None, description="Labelled frames (extxyz, ...) to start training from.")
     initial_rattle: RattleConfig | None = Field(default_factory=RattleConfig, description="Rattled frames labelled by the oracle to seed the dataset; null to disable.")
+    initial_from_foundation: FoundationExploreConfig | None = Field(
+        None, description="With potential.foundation: also label frames picked (farthest-point, descriptor space) from a short MD with the foundation.")
 
     @field_validator("supercell")
     @classmethod

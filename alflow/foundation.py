@@ -344,6 +344,42 @@ def replay_frames(model: nn.Module, pool: Sequence[Atoms], n: int, seed: int,
     return [stored[h] for h in chosen]
 
 
+def explore_initial(model: nn.Module, structures: Sequence[Atoms], spec: Any, seed: int) -> list[Atoms]:
+    """``spec.n_frames`` diverse frames from Langevin MD with ``model`` (ASE, ``spec.temperature`` K,
+    ``spec.timestep`` fs, ``spec.steps`` steps per structure, a snapshot every ``spec.stride``), picked by
+    farthest-point sampling in ``alflow.select.structure_descriptors`` space (the first pick is the snapshot
+    farthest from the mean). Returned without calculator or labels."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from alflow.calculator import AlflowCalculator
+    from alflow.select import structure_descriptors
+
+    calc = AlflowCalculator(model, device="cpu")
+    rng = np.random.default_rng([int(seed), 4])
+    snaps: list[Atoms] = []
+    for start in structures:
+        atoms = start.copy()
+        atoms.calc = calc
+        MaxwellBoltzmannDistribution(atoms, temperature_K=spec.temperature, rng=rng)
+        md = Langevin(atoms, spec.timestep * units.fs, temperature_K=spec.temperature, friction=0.01 / units.fs,
+                      rng=rng)
+        for _ in range(max(1, spec.steps // spec.stride)):
+            md.run(spec.stride)
+            snaps.append(Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc))
+    if len(snaps) <= spec.n_frames:
+        return snaps
+    x = structure_descriptors(snaps)
+    chosen = [int(np.argmax(((x - x.mean(axis=0)) ** 2).sum(1)))]
+    dist = ((x - x[chosen[0]]) ** 2).sum(1)
+    while len(chosen) < spec.n_frames:
+        k = int(np.argmax(dist))
+        chosen.append(k)
+        dist = np.minimum(dist, ((x - x[k]) ** 2).sum(1))
+    return [snaps[k] for k in chosen]
+
+
 def foundation_start(cfg: Any, run_dir: Path, frames: Sequence[Atoms], species: Sequence[int], iteration: int,
                      init_from: Any) -> tuple[nn.Module, Any, list[Atoms]]:
     """The train stage's committee, warm-start sources and replay frames for a run with a foundation.

@@ -101,6 +101,8 @@ def _enough_data(config: RunConfig, n_dataset: int, problems: list[str]) -> None
     """Training needs 2 frames: the initial dataset plus the rattled frames must be able to give them."""
     rattle = config.system.initial_rattle
     n = n_dataset + (rattle.n_frames if rattle is not None else 0)
+    if config.system.initial_from_foundation is not None:
+        n += config.system.initial_from_foundation.n_frames
     if n < 2:
         problems.append(f"system: the initial dataset can have at most {n} frame(s) ({n_dataset} in initial_dataset, "
                         f"{rattle.n_frames if rattle is not None else 0} from initial_rattle); training needs at "
@@ -136,6 +138,8 @@ def _potential(config: RunConfig, species: list[int], problems: list[str]) -> No
     import potentials
 
     pot = config.potential
+    if config.system.initial_from_foundation is not None and pot.foundation is None:
+        problems.append("system.initial_from_foundation: needs potential.foundation (the model that explores)")
     if pot.foundation is not None:  # the foundation's architecture and hparams replace the section's
         _foundation(config, species, problems)
         return

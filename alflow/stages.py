@@ -112,6 +112,16 @@ def _initial(cfg: RunConfig, run_dir: Path, out: Path, iteration: int | None, in
             frames.append(atoms)
         write_extxyz_atomic(frames, out / "rattled.extxyz")
         counts = _label_into(frames, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+    if cfg.system.initial_from_foundation is not None:  # diverse frames from MD with the foundation (issue 15)
+        from alflow.foundation import explore_initial, load_foundation
+
+        picked = explore_initial(load_foundation(cfg.potential.foundation, trusted=cfg.potential.trusted),
+                                 structures, cfg.system.initial_from_foundation, cfg.seed)
+        for atoms in picked:
+            atoms.info.update({SOURCE: "foundation_md", ITERATION: -1})
+        write_extxyz_atomic(picked, out / "foundation_md.extxyz")
+        more = _label_into(picked, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+        counts = {k: counts.get(k, 0) + more.get(k, 0) for k in ("n_frames", "n_labelled", "n_failed")}
     n = len(ds)
     if n < 2:
         raise StageError(f"the initial dataset has {n} labelled frame(s) ({n_imported} imported, "

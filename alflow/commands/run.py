@@ -84,6 +84,8 @@ def dry_run_plan(config: Any, label_seconds: float | None = None) -> list[str]:
 
     lab, loop, sel = config.labelling, config.loop, config.selection
     initial = config.system.initial_rattle.n_frames if config.system.initial_rattle is not None else 0
+    if config.system.initial_from_foundation is not None:
+        initial += config.system.initial_from_foundation.n_frames
     gates = 0
     for name, spec in loop.gates.configured().items():
         gates += getattr(spec, "points", None) or (12 if name == "elastic" else 1)
@@ -92,7 +94,7 @@ def dry_run_plan(config: Any, label_seconds: float | None = None) -> list[str]:
     capped = min(total, loop.max_labels) if loop.max_labels is not None else total
     lines = [f"dry run of {config.name}: nothing is computed, the oracle is not called",
              f"oracle: {lab.oracle} (label source {source_of(lab.oracle)})",
-             f"initial set: {initial} rattled frame(s) to label"
+             f"initial set: {initial} frame(s) to label (rattled, picked from MD with the foundation)"
              + (f" plus the frames of {config.system.initial_dataset} (imported, no oracle call)"
                 if config.system.initial_dataset else ""),
              f"loop: at most {per_iteration} label(s) per iteration x {loop.max_iterations} iteration(s) = "

@@ -231,6 +231,26 @@ def test_replay_keeps_the_committee_near_the_foundation_far_from_the_new_data(st
     assert with_replay < 0.5 * without, (with_replay, without)
 
 
+def test_initial_frames_from_foundation_md_are_spread_by_fps(standin: Path, cu3au: list) -> None:
+    from alflow.config import FoundationExploreConfig
+    from alflow.foundation import explore_initial, load_foundation
+    from alflow.select import structure_descriptors
+
+    spec = FoundationExploreConfig(n_frames=4, steps=60, stride=5, temperature=800)
+    start = [cu3au[0]]
+    picked = explore_initial(load_foundation(standin), start, spec, seed=0)
+    assert len(picked) == 4 and all(a.calc is None and keys.REF_ENERGY not in a.info for a in picked)
+
+    def min_gap(frames: list) -> float:
+        x = structure_descriptors(frames, species=[29, 79])
+        return min(float(np.linalg.norm(x[i] - x[j])) for i in range(len(x)) for j in range(i))
+
+    consecutive = explore_initial(load_foundation(standin), start,
+                                  FoundationExploreConfig(n_frames=12, steps=60, stride=5, temperature=800), seed=0)
+    assert len(consecutive) == 12  # every snapshot (no more than n_frames): the same trajectory, seed 0
+    assert min_gap(picked) > min_gap(consecutive[:4])
+
+
 # ----------------------------------------------------------------------------- the model oracle and the dry run
 
 
@@ -295,7 +315,8 @@ def test_loop_from_a_foundation_aligns_replays_and_reports(tmp_path: Path, stand
 
     cfg = _config(tmp_path, standin, "Au", reinit_readout=True, freeze=["embedding"])
     cfg.update(committee={"size": 2}, loop={"max_iterations": 1},
-               system={**cfg["system"], "initial_rattle": {"n_frames": 4}},
+               system={**cfg["system"], "initial_rattle": {"n_frames": 4},
+                       "initial_from_foundation": {"n_frames": 2, "steps": 10, "stride": 5}},
                training={"epochs": 3, "batch_size": 4, "valid_fraction": 0.25, "replay_frames": 3},
                exploration={"walkers": [{"steps": 20, "stride": 10, "temperature": 300}]},
                selection={"max_per_iteration": 2})
@@ -303,7 +324,15 @@ def test_loop_from_a_foundation_aligns_replays_and_reports(tmp_path: Path, stand
     run_loop(config)
     run = tmp_path / "run"
     alignment = json.loads((run / FOUNDATION_DIR / ALIGNMENT_FILE).read_text())
-    assert set(alignment["shift"]) == {"Cu", "Au"} and alignment["n_frames"] == 4
+    assert set(alignment["shift"]) == {"Cu", "Au"} and alignment["n_frames"] == 6  # 4 rattled + 2 from MD
+    from alflow.data import Dataset
+
+    import ase.io
+
+    from alflow.io import frame_hash
+
+    picked = ase.io.read(run / "initial" / "foundation_md.extxyz", index=":")
+    assert len(picked) == 2 and {frame_hash(a) for a in picked} <= Dataset(run / "dataset").hashes
     assert (run / FOUNDATION_DIR / REPLAY_FILE).is_file()
     rows = read_metrics(run)
     assert rows and rows[0]["foundation_e0_shift"] == alignment["shift"]
