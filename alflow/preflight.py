@@ -173,6 +173,9 @@ def _foundation(config: RunConfig, species: list[int], problems: list[str]) -> N
     from alflow.foundation import check_freeze, check_species, load_foundation, readout_parameters
 
     pot = config.potential
+    if config.committee.kind != "full":
+        problems.append(f"committee.kind: {config.committee.kind!r} cannot start from potential.foundation (its members "
+                        "are copies of the foundation); use kind: full")
     try:
         model = load_foundation(pot.foundation, trusted=pot.trusted)
         check_species(model, species)

@@ -79,6 +79,8 @@ def test_preflight_names_unknown_species_and_freeze_prefixes(tmp_path: Path, sta
     bad = config_from_dict(_config(tmp_path, standin, "Cu", freeze=["embedding", "interaction.7"]), tmp_path)
     found = [p for p in problems(bad) if p.startswith("potential")]
     assert len(found) == 1 and "'interaction.7'" in found[0] and "'embedding'" not in found[0], found
+    shallow = config_from_dict({**_config(tmp_path, standin, "Cu"), "committee": {"kind": "shallow"}}, tmp_path)
+    assert any(p.startswith("committee.kind: 'shallow' cannot start from potential.foundation") for p in problems(shallow))
 
 
 class _Trap:
