@@ -1,6 +1,7 @@
 """Shallow committee (one trunk, K heads) vs one model vs a full committee of K: cost and calibration.
 
     python benchmarks/shallow.py cost [--archs schnet painn] [--sizes 108 2048] [--repeats 3] [--threads 1]
+    python benchmarks/shallow.py heads [--archs schnet painn] [--sizes 108 2048]
     python benchmarks/shallow.py calibration [--arch schnet] [--epochs 30] [--nll-epochs 20] [--seed 0]
 
 ``cost``: energy + forces of rattled fcc Cu (a = 3.61 Å, cutoff 5 Å, float32, default
@@ -8,6 +9,9 @@ hyperparameters, K = 4), graph built once outside the timings; variants interlea
 round, best of ``--repeats`` rounds (each ≥ 0.3 s), as multiples of one model: the shallow
 committee with ``forces_mode`` ``mean`` (one backward pass) and ``heads`` (every head's forces,
 one batched VJP), and the full committee's CPU path (K sequential members).
+
+``heads``: what the ``mean`` mode adds to one model, measured alone (less exposed to load than
+the whole-model ratios): K heads vs one readout, forward + backward on the features.
 
 ``calibration``: Cu/EMT, 2×2×2 cubic cells (32 atoms); training frames rattled by 0.02–0.10 Å
 with ±2 % strain, held-out frames rattled by 0.02–0.15 Å (``--test-rattle``; some beyond the training data).
@@ -76,6 +80,41 @@ def cost(archs: list[str], sizes: list[int], repeats: int) -> None:
             t1 = best["one"]
             print(f"| {arch} | {len(atoms)} | {t1 * 1e3:.1f} | {best['mean'] / t1:.2f}× | {best['heads'] / t1:.2f}× "
                   f"| {best['full'] / t1:.2f}× |", flush=True)
+
+
+def heads_overhead(archs: list[str], sizes: list[int]) -> None:
+    """What the shallow ``mean`` mode adds to one model: K heads instead of one readout, forward + backward
+    on (N, F) features (best of 20 calls), next to one model's energy + forces on N atoms."""
+    print("| arch | atoms | one readout (ms) | 4 heads (ms) | one model (ms) | heads - readout, share of one model |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for arch in archs:
+        for size in sizes:
+            reps = round((size / 4) ** (1 / 3))
+            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+            atoms.rattle(0.05, seed=0)
+            batch = atoms_to_batch(atoms, CUTOFF)
+            torch.manual_seed(0)
+            one = registry.build(arch, ["Cu"], CUTOFF).eval()
+            sc = ShallowCommittee(registry.build(arch, ["Cu"], CUTOFF), K)
+            width = next(m for m in sc.heads.heads[0].modules() if isinstance(m, torch.nn.Linear)).in_features
+            x = torch.randn(len(atoms), width, requires_grad=True)
+
+            def call(module: torch.nn.Module) -> Callable[[], object]:
+                return lambda: torch.autograd.grad(module(x).sum(), x)
+
+            best = {}
+            for name, fn in (("readout", call(one.readout)), ("heads", call(sc.heads)),
+                             ("model", lambda: compute_properties(one, batch))):
+                fn()
+                times = []
+                for _ in range(20 if name != "model" else 3):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+                best[name] = min(times)
+            extra = (best["heads"] - best["readout"]) / best["model"]
+            print(f"| {arch} | {len(atoms)} | {best['readout'] * 1e3:.3f} | {best['heads'] * 1e3:.3f} | "
+                  f"{best['model'] * 1e3:.1f} | {100 * extra:.2f} % |", flush=True)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -168,6 +207,10 @@ def main() -> None:
     c.add_argument("--sizes", nargs="+", type=int, default=[108, 2048])
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--threads", type=int, default=1)
+    h = sub.add_parser("heads")
+    h.add_argument("--archs", nargs="+", default=["schnet", "painn"])
+    h.add_argument("--sizes", nargs="+", type=int, default=[108, 2048])
+    h.add_argument("--threads", type=int, default=1)
     k = sub.add_parser("calibration")
     k.add_argument("--arch", default="schnet")
     k.add_argument("--epochs", type=int, default=30)
@@ -183,6 +226,9 @@ def main() -> None:
           f"threads {args.threads}, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.what == "cost":
         cost(args.archs, args.sizes, args.repeats)
+        return
+    if args.what == "heads":
+        heads_overhead(args.archs, args.sizes)
         return
     hp = {"schnet": dict(n_atom_basis=32, n_filters=32, n_interactions=2),
           "painn": dict(n_atom_basis=32, n_interactions=2)}.get(args.arch, {})
