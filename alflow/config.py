@@ -684,6 +684,13 @@ class ExecutionConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto uses CUDA when present.")
     prefect_home: FilePath | None = Field(None, description="PREFECT_HOME directory; null keeps Prefect's default.")
 
+    @property
+    def resolved_cluster(self) -> ClusterConfig:
+        """``cluster``, or kind address for the deprecated ``dask_address`` (the config itself keeps what was written)."""
+        if self.dask_address is not None:
+            return ClusterConfig(kind="address", address=self.dask_address)
+        return self.cluster
+
     @model_validator(mode="after")
     def _dask(self) -> ExecutionConfig:
         if self.dask_address is not None and self.task_runner != "dask":
@@ -692,11 +699,10 @@ class ExecutionConfig(_Model):
             raise _fail("dask_resources needs task_runner: dask", "dask_resources", got=self.dask_resources)
         if self.cluster.kind != "local" and self.task_runner != "dask":
             raise _fail(f"cluster kind {self.cluster.kind} needs task_runner: dask", "cluster", "kind", got=self.cluster.kind)
-        if self.dask_address is not None:  # the old spelling of cluster kind address
+        if self.dask_address is not None:  # the old spelling of cluster kind address (resolved_cluster)
             if self.cluster.kind != "local":
                 raise _fail("give either dask_address (deprecated) or cluster, not both", "dask_address",
                             got=self.dask_address)
-            object.__setattr__(self, "cluster", ClusterConfig(kind="address", address=self.dask_address))
         pools = self.cluster.pools
         stages = STAGES  # the stage table (alflow.results)
         for stage, needs in self.dask_resources.items():

@@ -53,7 +53,7 @@ def _non_finite(value: Any, where: str) -> list[str]:
 
 def runs_here(config: RunConfig) -> bool:
     """Whether the stages run on this machine (not on the workers of a remote Dask scheduler)."""
-    return not (config.execution.task_runner == "dask" and config.execution.cluster.kind != "local")
+    return not (config.execution.task_runner == "dask" and config.execution.resolved_cluster.kind != "local")
 
 
 def _structures(config: RunConfig, problems: list[str]) -> list[Any]:

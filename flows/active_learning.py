@@ -53,7 +53,7 @@ def task_runner(execution: ExecutionConfig) -> Any:
     except ImportError as err:
         raise RuntimeError("execution.task_runner: dask needs the prefect-dask package; install it with "
                            "`pip install prefect-dask` (or use task_runner: thread)") from err
-    cluster = execution.cluster  # dask_address (deprecated) arrives here as kind address
+    cluster = execution.resolved_cluster  # the deprecated dask_address is kind address
     if cluster.kind == "address":
         return DaskTaskRunner(address=cluster.address)
     if cluster.kind in ("slurm", "pbs"):  # one scheduler here, every pool's batch jobs (alflow.cluster)

@@ -32,6 +32,9 @@ def _run(run_dir: str, stage: str, iteration: int | None, inputs: dict[str, Any]
     logger.info("%s: starting in %s", where, run_dir)
     result = compute_stage(run_dir, stage, iteration, inputs)
     result["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # where it ran (Dask/worker placement)
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
+    if job:  # the batch job of the worker (execution.cluster slurm/pbs): sacct -j / qstat -x
+        result["batch_job"] = job
     small = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     logger.info("%s: done in %.1f s %s", where, result["seconds"], small)
     return result

@@ -104,7 +104,8 @@ def test_mpi_command_launches_the_codes_command():
 def test_dask_address_is_a_deprecated_alias_of_cluster_address():
     old = ExecutionConfig(task_runner="dask", dask_address="tcp://10.0.0.5:8786")
     new = ExecutionConfig(task_runner="dask", cluster={"kind": "address", "address": "tcp://10.0.0.5:8786"})
-    assert old.cluster == new.cluster and old.cluster.kind == "address"
+    assert old.resolved_cluster == new.resolved_cluster and new.resolved_cluster.kind == "address"
+    assert old.cluster.kind == "local" and old.dask_address == "tcp://10.0.0.5:8786"  # kept as written (yaml dumps)
     assert ExecutionConfig().cluster.kind == "local"
 
 
@@ -167,3 +168,17 @@ def test_task_runner_for_each_cluster_kind():
     assert isinstance(batch, DaskTaskRunner) and batch.cluster_class is BatchCluster
     assert batch.cluster_kwargs["cluster"]["pools"]["cpu"]["cores"] == 2
     assert batch.adapt_kwargs == {"minimum_jobs": 0, "maximum_jobs": 5}
+
+
+def test_a_cluster_config_round_trips_and_its_stages_do_not_run_here(tmp_path):
+    from alflow.config import config_to_yaml, load_config
+    from alflow.preflight import runs_here
+
+    for execution in ({"task_runner": "dask", "cluster": GPU_CPU, "dask_resources": {"train": {"GPU": 1}}},
+                      {"task_runner": "dask", "dask_address": "tcp://10.0.0.5:8786"}):
+        cfg = _config(execution)
+        path = tmp_path / "copy.yaml"
+        path.write_text(config_to_yaml(cfg))
+        assert load_config(path).execution == cfg.execution
+        assert not runs_here(cfg)  # the oracle and device are checked where the jobs run, not here
+    assert runs_here(_config({"task_runner": "dask"}))

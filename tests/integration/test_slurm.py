@@ -1,0 +1,219 @@
+"""A real Slurm on localhost (Debian's slurm-wlm: munged, slurmctld, slurmd): the loop's stages run as Slurm jobs.
+
+The session fixture ``slurm`` installs ``slurm-wlm`` and ``munge`` with apt-get when ``slurmctld`` is
+missing (root only; minutes), writes a one-node ``slurm.conf`` for this machine, starts the daemons
+on free ports and stops them at the end. Debian's Slurm has no accounting database here
+(``AccountingStorageType=accounting_storage/none``: ``sacct`` answers "accounting storage is
+disabled"), so jobs are checked in the job-completion log (``JobCompType=jobcomp/filetxt``): one line
+per finished job with its id, name, state (COMPLETED, CANCELLED, TIMEOUT) and node list.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ORACLE_FIXTURES = ROOT / "tests" / "alflow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install() -> None:
+    """apt-get install slurm-wlm munge (skip the test when that is impossible here)."""
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and apt-get as root is not available")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        if out.returncode:
+            pytest.skip(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr[-1000:]}")
+
+
+def parse_jobcomp(path: Path) -> dict[str, dict[str, str]]:
+    """jobcomp/filetxt lines -> {JobId: {field: value}}."""
+    jobs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            if "JobId" in fields:
+                jobs[fields["JobId"]] = fields
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running one-node Slurm: yields {"conf", "jobcomp", "node", "logs"}; SLURM_CONF is set meanwhile."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm runs its daemons as root")
+    _install()
+    base = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool", "log"):
+        (base / sub).mkdir()
+    node = socket.gethostname()
+    cpus = os.cpu_count() or 1
+    conf = base / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=alflowtest", f"SlurmctldHost={node}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
+        f"StateSaveLocation={base}/state", f"SlurmdSpoolDir={base}/spool",
+        f"SlurmctldPidFile={base}/slurmctld.pid", f"SlurmdPidFile={base}/slurmd.pid",
+        f"SlurmctldLogFile={base}/log/slurmctld.log", f"SlurmdLogFile={base}/log/slurmd.log",
+        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core_Memory", "JobAcctGatherType=jobacct_gather/linux",
+        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/filetxt", f"JobCompLoc={base}/jobcomp.txt",
+        "MpiDefault=none", "ReturnToService=2", "KillWait=5", "OverTimeLimit=0", "InactiveLimit=0", "MinJobAge=300",
+        f"NodeName={node} CPUs={cpus} RealMemory=6000 State=UNKNOWN",
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    started: list[subprocess.Popen] = []
+    munge_ok = subprocess.run(["sh", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0
+    if not munge_ok:
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        started.append(subprocess.Popen(["munged", "--foreground", "--force"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        for _ in range(50):
+            if subprocess.run(["sh", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("munged did not start (munge -n | unmunge fails)")
+    for daemon in ("slurmctld", "slurmd"):
+        started.append(subprocess.Popen([daemon, "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            if out.stdout.strip() == "idle":
+                break
+            time.sleep(1)
+        else:
+            logs = "\n".join((base / "log" / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
+                             if (base / "log" / f).is_file())
+            pytest.fail(f"Slurm did not come up (sinfo: {out.stdout.strip()!r} {out.stderr.strip()!r})\n{logs}")
+        yield {"conf": conf, "jobcomp": base / "jobcomp.txt", "node": node, "logs": base / "jobs", "env": env}
+    finally:
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
+        time.sleep(2)
+        for proc in reversed(started):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def _wait_for_jobcomp(path: Path, ids: set[str], timeout: float = 60) -> dict[str, dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = parse_jobcomp(path)
+        if ids <= set(jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(1)
+
+
+def test_loop_iteration_runs_as_slurm_jobs_labels_on_cpu_jobs_training_on_gpu_jobs(slurm, tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue")
+    pytest.importorskip("prefect_dask")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alflow_flows_conftest", ROOT / "tests" / "flows" / "conftest.py")
+    flows_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flows_conftest)
+    _write_config = flows_conftest._write_config  # the tiny flow run of tests/flows
+    from prefect.testing.utilities import prefect_test_harness
+
+    from alflow.loop import read_state
+    from flows.active_learning import run_flow
+
+    for key, value in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}.items():
+        monkeypatch.setenv(key, value)  # the jobs inherit the submitting environment (sbatch --export=ALL)
+    job = {"cores": 1, "memory": "2GB", "walltime": "00:20:00"}
+    path = _write_config(tmp_path, name="slurm-flow", loop={"max_iterations": 1}, execution={
+        "task_runner": "dask", "device": "cpu",
+        "cluster": {"kind": "slurm", "log_directory": str(slurm["logs"]), "pools": {
+            "gpu": {**job, "resources": {"GPU": 1}, "prologue": ["echo gpu pool prologue"]},
+            "cpu": {**job, "resources": {"CPU": 1}}}},
+        "dask_resources": {"train": {"GPU": 1}, "explore": {"GPU": 1}, "initial": {"CPU": 1}, "label": {"CPU": 1}}})
+    with prefect_test_harness(server_startup_timeout=180):
+        summary = run_flow(path)
+    assert summary["status"] == "max_iterations" and summary["iterations"] == 1
+    state = read_state(tmp_path / "run")
+    stages = state["stages"]
+    assert list(stages) == ["initial", "iter_000/train", "iter_000/explore", "iter_000/select"]
+    ran_in = {key: rec["result"].get("batch_job") for key, rec in stages.items()}
+    assert all(ran_in.values()), ran_in  # every stage ran inside a Slurm job
+    jobs = _wait_for_jobcomp(slurm["jobcomp"], set(ran_in.values()))
+    names = {key: jobs[j]["Name"] for key, j in ran_in.items()}  # select needs no resource: either pool
+    assert (names["initial"], names["iter_000/train"], names["iter_000/explore"]) == (
+        "alflow-cpu", "alflow-gpu", "alflow-gpu"), names
+    for j in set(ran_in.values()):
+        assert jobs[j]["NodeList"] == slurm["node"] and jobs[j]["JobState"] in ("CANCELLED", "COMPLETED"), jobs[j]
+    assert state["iterations"][0]["labels_added"] >= 0 and (tmp_path / "run").is_dir()
+    # the gpu pool's prologue ran in its job before the worker
+    gpu_job = ran_in["iter_000/train"]
+    assert "gpu pool prologue" in (slurm["logs"] / f"alflow-gpu-{gpu_job}.out").read_text()
+
+
+def test_a_label_job_killed_at_its_walltime_loses_no_label(slurm, tmp_path, monkeypatch):
+    """Slurm kills the job labelling frames (TIMEOUT); Dask resubmits the task to a new job (adaptive scaling);
+    labels stored before the kill stay in the dataset and are not recomputed; every frame ends up labelled."""
+    pytest.importorskip("dask_jobqueue")
+    import ase.build
+    import distributed
+
+    from alflow.cluster import BatchCluster, adapt_kwargs
+    from alflow.config import ClusterConfig, LabellingConfig
+    from alflow.data import Dataset
+    from alflow.label import LABELLED, label_frames
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    frames = []
+    for i in range(8):
+        atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.rattle(0.05, seed=i)
+        frames.append(atoms)
+    # 8 frames x 10 s in one job of 1 minute: Slurm kills it (TIMEOUT) about halfway through
+    labelling = LabellingConfig(oracle="oracle_fixtures:SleepyHarmonic", timeout_s=60,
+                                parameters={"delay": 10.0, "worker_pythonpath": str(ORACLE_FIXTURES)})
+    cluster = ClusterConfig(kind="slurm", log_directory=str(slurm["logs"]), adapt={"minimum_jobs": 0, "maximum_jobs": 1},
+                            pools={"cpu": {"cores": 1, "memory": "2GB", "walltime": "00:01:00", "jobs": 1}})
+    dataset, workdir = tmp_path / "dataset", tmp_path / "label"
+    with BatchCluster(cluster.model_dump(mode="json")) as batch, distributed.Client(batch) as client:
+        batch.adapt(**adapt_kwargs(cluster))
+        future = client.submit(label_frames, frames, labelling, str(dataset), str(workdir), progress=False,
+                               max_workers=1, pure=False)
+        result = future.result(timeout=600)
+    ds = Dataset(dataset)
+    assert len(ds.hashes) == 8  # nothing lost
+    jobs = parse_jobcomp(slurm["jobcomp"])
+    mine = [j for j in jobs.values() if j["Name"] == "alflow-cpu" and j["TimeLimit"] == "1"]
+    assert any(j["JobState"] == "TIMEOUT" for j in mine), mine  # Slurm did kill a labelling job
+    # the labels stored before the kill were not computed again: each frame labelled exactly once
+    done = [line for line in (workdir / LABELLED).read_text().splitlines() if line.strip()]
+    assert len(done) == 8, done
+    assert result.n_labelled + result.n_in_dataset == 8 and result.n_in_dataset >= 1, result
