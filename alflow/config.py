@@ -240,8 +240,8 @@ class CommitteeConfig(_Model):
     calibration_min_frames: int = Field(
         1, ge=1, description="Calibrate only with at least this many validation frames; fewer leave alpha = 1.")
     calibration: Literal["scale", "isotonic"] = Field(
-        "scale", description="Map from committee deviation to true error, refitted every iteration on every labelled "
-        "frame so far: per-element scale alpha, or per-element isotonic regression (docs/uncertainty.md).")
+        "isotonic", description="Map from committee deviation to true error, refitted every iteration on every "
+        "labelled frame so far: per-element isotonic regression, or per-element scale alpha (docs/uncertainty.md).")
     calibration_decay: float = Field(
         0.5, gt=0, le=1, description="Weight per iteration of age of the calibration data (1: all iterations equal).")
     calibration_min_atoms: Bounded(10_000_000, kind=int) = Field(
