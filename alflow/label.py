@@ -108,7 +108,7 @@ WORKER_PYTHONPATH = "worker_pythonpath"  # reserved parameter: extra import path
 PERIODIC_REFERENCE = ("gpaw", "espresso", "cp2k", "vasp")  # codes that need a box for an isolated atom
 PROBE_TIMEOUT_S = 600.0  # longest wait (s) for the probe that builds the oracle once before any calculation
 SALT_FILE = ".settings-salt"
-NOT_SETTINGS = ("max_force_warning",)  # LabellingConfig fields that cannot change whether a calculation succeeds
+NOT_SETTINGS = ("max_force_warning", "max_in_flight")  # LabellingConfig fields that cannot change whether a calculation succeeds
 
 
 @dataclass(frozen=True)
@@ -382,6 +382,9 @@ def settings_key(config: LabellingConfig, salt: bytes = b"") -> str:
     only the owner can read, the stored hash cannot be used to guess a weak secret offline either.
     """
     fields = {k: v for k, v in config.model_dump().items() if k not in NOT_SETTINGS}
+    if fields.get("mpi_command") is None:  # no launcher: the key of the settings before mpi_command existed
+        fields.pop("mpi_command", None)
+        fields.pop("cores_per_calculation", None)
     blob = json.dumps([fields, code_version(config.oracle)], sort_keys=True, default=str)
     return hmac.new(salt, blob.encode(), hashlib.sha256).hexdigest()[:16]
 

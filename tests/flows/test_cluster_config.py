@@ -182,3 +182,24 @@ def test_a_cluster_config_round_trips_and_its_stages_do_not_run_here(tmp_path):
         assert load_config(path).execution == cfg.execution
         assert not runs_here(cfg)  # the oracle and device are checked where the jobs run, not here
     assert runs_here(_config({"task_runner": "dask"}))
+
+
+def test_settings_key_ignores_max_in_flight_and_an_unset_launcher_but_not_the_launcher():
+    import json
+
+    from alflow.config import LabellingConfig
+    from alflow.label import code_version, settings_key
+
+    plain = LabellingConfig(oracle="espresso")
+    # the key a config had before mpi_command / cores_per_calculation / max_in_flight existed
+    before = {k: v for k, v in plain.model_dump().items()
+              if k not in ("max_force_warning", "max_in_flight", "mpi_command", "cores_per_calculation")}
+    import hashlib
+    import hmac
+
+    old = hmac.new(b"s", json.dumps([before, code_version("espresso")], sort_keys=True, default=str).encode(),
+                   hashlib.sha256).hexdigest()[:16]
+    assert settings_key(plain, b"s") == old == settings_key(LabellingConfig(oracle="espresso", max_in_flight=8), b"s")
+    launched = LabellingConfig(oracle="espresso", mpi_command="srun -n {cores}", cores_per_calculation=4)
+    assert settings_key(launched, b"s") != old  # another launcher can decide whether a calculation succeeds
+    assert settings_key(launched, b"s") != settings_key(launched.model_copy(update={"cores_per_calculation": 8}), b"s")
