@@ -138,6 +138,7 @@ def test_a_wrong_alpha_is_corrected_after_one_iteration(tmp_path):
         atoms.calc = None
     truth = cal.committee_pairs(committee, frames)
     ratio = math.sqrt(np.mean(truth["error"] ** 2 / truth["raw"] ** 2))
+    print(f"true ratio {ratio:.3g}, refitted alpha {cmap.alpha:.3g} from {pairs['frame'].max() + 1} labelled frames")
     assert ratio > 0.2  # 0.1 is wrong by more than 2x ...
     assert ratio / 2 < cmap.alpha < 2 * ratio  # ... and the refit is right within 2x
     assert float(committee.alpha) == pytest.approx(cmap.alpha)
