@@ -60,7 +60,10 @@ def run_pairs(run_dir: Path) -> list[dict[str, np.ndarray]]:
             eps = (atoms.arrays[cal.RAW_FORCE_DEVIATION] if cal.RAW_FORCE_DEVIATION in atoms.arrays
                    else atoms.arrays[FORCE_DEVIATION] / float(atoms.info.get(ALPHA, 1.0)))
             x, e = cal.atom_pairs(atoms.arrays[PRED_FORCES], ref.arrays[REF_FORCES], eps)
-            raw.append(x), err.append(e), num.append(atoms.numbers), frame.append(np.full(len(atoms), k))
+            raw.append(x)
+            err.append(e)
+            num.append(atoms.numbers)
+            frame.append(np.full(len(atoms), k))
         if raw:
             out.append({"iteration": it, "raw": np.concatenate(raw), "error": np.concatenate(err),
                         "numbers": np.concatenate(num), "frame": np.concatenate(frame)})

@@ -169,3 +169,13 @@ def test_select_stage_applies_the_map_to_scored_frames(tmp_path):
     assert frame.arrays[keys.FORCE_DEVIATION] == pytest.approx([0.5, 1.0, 0.05, 0.3])
     assert frame.info[keys.MAX_FORCE_DEVIATION] == pytest.approx(1.0)
     assert frame.info[cal.RAW_MAX_FORCE_DEVIATION] == pytest.approx(0.3)
+
+
+def test_config_kinds_are_the_module_table():
+    """committee.calibration accepts exactly alflow.calibration.KINDS, and its default is one of them."""
+    import typing
+
+    from alflow.config import CommitteeConfig
+
+    field = CommitteeConfig.model_fields["calibration"]
+    assert set(typing.get_args(field.annotation)) == set(cal.KINDS) and field.default in cal.KINDS
