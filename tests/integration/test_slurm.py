@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,3 +218,42 @@ def test_a_label_job_killed_at_its_walltime_loses_no_label(slurm, tmp_path, monk
     done = [line for line in (workdir / LABELLED).read_text().splitlines() if line.strip()]
     assert len(done) == 8, done
     assert result.n_labelled + result.n_in_dataset == 8 and result.n_in_dataset >= 1, result
+
+
+def test_labels_run_in_a_slurm_job_with_the_code_launched_as_a_job_step(slurm, tmp_path, monkeypatch):
+    """labelling.mpi_command 'srun -n {cores}': each calculation's program is a step of the label job."""
+    pytest.importorskip("dask_jobqueue")
+    import ase.build
+    import distributed
+
+    from alflow.cluster import BatchCluster
+    from alflow.config import ClusterConfig, LabellingConfig
+    from alflow.data import Dataset
+    from alflow.label import label_frames
+
+    here = ROOT / "tests" / "integration" / "slurm_oracle"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    frames = []
+    for i in range(3):
+        atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.rattle(0.05, seed=100 + i)
+        frames.append(atoms)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    labelling = LabellingConfig(oracle="launched_oracle:LaunchedHarmonic", timeout_s=120, mpi_command="srun -n {cores}",
+                                parameters={"command": f"{sys.executable} {here / 'launched_code.py'}",
+                                            "marker_dir": str(markers), "worker_pythonpath": str(here)})
+    cluster = ClusterConfig(kind="slurm", log_directory=str(slurm["logs"]),
+                            pools={"cpu": {"cores": 1, "memory": "2GB", "walltime": "00:10:00", "jobs": 1}})
+    with BatchCluster(cluster.model_dump(mode="json")) as batch, distributed.Client(batch) as client:
+        result = client.submit(label_frames, frames, labelling, str(tmp_path / "ds"), str(tmp_path / "work"),
+                               progress=False, max_workers=1, pure=False).result(timeout=300)
+    assert result.n_labelled == 3 and len(Dataset(tmp_path / "ds").hashes) == 3, result
+    steps = [p.name.split(".") for p in markers.iterdir()]
+    # probe + 3 calculations, each its own step (srun) of one batch job, one task each (cores_per_calculation 1)
+    assert len(steps) >= 3 and all(s[1] != "none" and s[2] == "1" for s in steps), steps
+    job_ids = {s[0] for s in steps}
+    assert len(job_ids) == 1 and job_ids != {"none"}
+    jobs = _wait_for_jobcomp(slurm["jobcomp"], job_ids)
+    assert jobs[job_ids.pop()]["Name"] == "alflow-cpu"
