@@ -71,7 +71,7 @@ class AlflowCalculator(Calculator):
             raise TypeError(f"model: expected a Potential, a Committee or a path to one, got {type(model).__name__}")
         self.model = model.to(self.device).eval()
         self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-        self.is_committee = hasattr(self.model, "members")
+        self.is_committee = hasattr(self.model, "n_members")  # Committee or ShallowCommittee
 
     def calculate(
         self, atoms: Atoms | None = None, properties: list[str] | None = None, system_changes: list[str] = all_changes

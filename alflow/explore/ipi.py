@@ -113,7 +113,7 @@ def load_alpha(model_path: str | Path) -> float:
     from potentials.registry import read_checkpoint
 
     payload = read_checkpoint(model_path)
-    if payload.get("kind") != "committee":
+    if payload.get("kind") not in ("committee", "shallow"):  # a shallow committee stores α the same way
         return 1.0
     alpha = payload["state_dict"].get("alpha", payload["metadata"].get("alpha", 1.0))
     return float(alpha)

@@ -131,3 +131,21 @@ def test_batched_vjp_equals_k_backward_passes(three_structures):
     assert sc._batched_ok  # no fallback: the batched path really ran
     for key in (keys.FORCES_COMM, keys.STRESS_COMM, keys.MAX_FORCE_DEVIATION):
         close(batched[key], loop[key], 1e-12)
+
+
+def test_engines_read_a_shallow_committee(tmp_path):
+    """The ASE calculator returns the committee results, and i-PI's α reader finds the stored α."""
+    from alflow.calculator import ENERGIES_COMM, AlflowCalculator
+    from alflow.explore.ipi import load_alpha
+
+    sc = ShallowCommittee(build_small("schnet"), 3, seed=4).eval()
+    sc.set_alpha(2.5)
+    path = potentials.save(sc, tmp_path / "shallow.pt")
+    assert load_alpha(path) == pytest.approx(2.5)
+    atoms = cu_ni_rattled()
+    atoms.calc = AlflowCalculator(path, device="cpu")
+    forces = atoms.get_forces()
+    ref = predict(sc, atoms)
+    close(forces, ref[keys.FORCES], 1e-6)
+    assert atoms.calc.results[ENERGIES_COMM].shape == (3,)
+    assert atoms.calc.results[keys.MAX_FORCE_DEVIATION] == pytest.approx(float(ref[keys.MAX_FORCE_DEVIATION][0]), rel=1e-6)
