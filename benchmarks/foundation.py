@@ -148,9 +148,9 @@ def compare(out: Path, seeds: list[int], iterations: int, standin: Path | None) 
     out.mkdir(parents=True, exist_ok=True)
     if standin is None:
         standin = out / "standin.pt"
-    standin = standin.resolve()
         if not standin.is_file():
             build_standin(standin)
+    standin = standin.resolve()
     test = cu3au_test_set()
     rows = []
     for seed in seeds:
