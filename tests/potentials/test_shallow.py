@@ -149,3 +149,24 @@ def test_engines_read_a_shallow_committee(tmp_path):
     close(forces, ref[keys.FORCES], 1e-6)
     assert atoms.calc.results[ENERGIES_COMM].shape == (3,)
     assert atoms.calc.results[keys.MAX_FORCE_DEVIATION] == pytest.approx(float(ref[keys.MAX_FORCE_DEVIATION][0]), rel=1e-6)
+
+
+def test_batched_engine_runs_a_shallow_committee(tmp_path):
+    """Two walkers in the batched engine: every frame scored by the heads' spread."""
+    from ase.build import bulk
+    from ase.io import read
+
+    from alflow.explore.ase_md import WalkerSpec
+    from alflow.explore.batched import run_batched
+    from alflow.explore.frames import DONE
+
+    torch.manual_seed(0)
+    sc = ShallowCommittee.build("schnet", 3, ["Cu"], 4.0, seed=0, n_atom_basis=16, n_filters=16, n_interactions=2,
+                                n_rbf=8).eval()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=1)
+    specs = [WalkerSpec(atoms=atoms, steps=10, stride=5, seed=s, name=f"w{s}") for s in range(2)]
+    results = run_batched(specs, sc, tmp_path, upper=1e3, progress=False, device="cpu")
+    assert [r.status for r in results] == [DONE, DONE]
+    frames = read(results[0].trajectory, ":")
+    assert len(frames) == 3 and all(f.info[keys.MAX_FORCE_DEVIATION] > 0 for f in frames)
