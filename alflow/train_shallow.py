@@ -85,7 +85,7 @@ def _nll_loop(committee: Any, packed: PackedGraphs, train_idx: Sequence[int], va
             out = committee(batch, forces=True, create_graph=False, calibrated=False)
             nll, e_mse, f_mse = nll_terms(out, batch, log_s.detach())
             w = 3 * int(packed.n_atoms[chunk].sum())
-            total += float(nll) * w
+            total += float(nll.detach()) * w
             n += w
         return total / max(n, 1)
 

@@ -61,8 +61,9 @@ def trained(tmp_path_factory):
 def test_nll_training_spread_correlates_with_error(trained):
     """After the NLL stage the heads' spread ranks held-out frames by their true max force error.
 
-    Measured (seed 0, this recipe): Spearman 0.6-0.8 over held-out frames rattled 0.02-0.3 Å; the
-    threshold 0.3 leaves room for platform noise. Identical heads (no spread) give no correlation at all.
+    Measured (seed 0, this recipe, 2026-12-04): Spearman 0.93, 0.96, 0.97 on three held-out sets of 20 frames
+    rattled 0.02-0.3 Å (seeds 1-3); the threshold 0.6 leaves room for platform noise. Identical heads (no
+    spread) give no correlation at all.
     """
     sc, result, out = trained
     assert result.extra["members_mode"] == "shallow" and result.extra["nll"]["history"]
@@ -70,7 +71,7 @@ def test_nll_training_spread_correlates_with_error(trained):
     assert float(sc.alpha) == pytest.approx(result.extra["nll"]["s"]) and float(sc.alpha) > 0
     test = cu_frames(20, (0.02, 0.30), seed=1)
     rho = held_out_rank_correlation(sc, test)
-    assert rho is not None and rho > 0.3, rho
+    assert rho is not None and rho > 0.6, rho
     same = potentials.load(out / "committee.pt", device="cpu")
     assert held_out_rank_correlation(same, test) == pytest.approx(rho)  # the checkpoint is the trained committee
     for head in same.heads.heads[1:]:  # every head a copy of head 0: zero spread, no ranking
