@@ -367,3 +367,17 @@ def test_batched_engine_on_cuda_equals_cpu(tmp_path, committee):
         for x, y in zip(read(a.trajectory, ":"), read(b.trajectory, ":")):
             np.testing.assert_allclose(x.positions, y.positions, atol=1e-6)
             np.testing.assert_allclose(x.cell.array, y.cell.array, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_batched_engine_runs_a_mace_committee(tmp_path):
+    """Any Potential works: a MACE committee (NVT and NPT walkers in one batch, stress included)."""
+    mace = Committee.build("mace", 2, species=["Cu"], cutoff=4.0, seed=0)
+    for member in mace.members:
+        member.scale.fill_(0.05)
+    specs = [WalkerSpec(atoms=cu(2), ensemble=e, steps=4, stride=2, seed=k, pressure=0.0 if e.startswith("npt") else None,
+                        name=f"w{k}") for k, e in enumerate(["nvt-langevin", "npt-iso"])]
+    results = run_batched(specs, mace, tmp_path, upper=10.0, progress=False, device="cpu")
+    assert [(r.status, r.steps, r.frames) for r in results] == [(DONE, 4, 3)] * 2, [r.message for r in results]
+    first, last = read(results[1].trajectory, "0"), read(results[1].trajectory, "-1")
+    assert not np.allclose(first.cell.array, last.cell.array, rtol=0, atol=1e-6)  # the barostat moved the cell
