@@ -79,15 +79,16 @@ def test_nll_training_spread_correlates_with_error(trained):
     assert held_out_rank_correlation(same, test) is None
 
 
-def test_loop_runs_one_iteration_with_a_shallow_committee(tmp_path):
+def test_loop_runs_two_iterations_with_a_shallow_committee(tmp_path):
     from test_loop import tiny_config
 
     data = tiny_config(tmp_path / "run", committee={"kind": "shallow", "heads": 3},
                        training={"epochs": 2, "nll_epochs": 1, "batch_size": 4, "valid_fraction": 0.25},
-                       loop={"max_iterations": 1})
+                       loop={"max_iterations": 2})
     summary = run_loop(config_from_dict(data))
-    assert summary["iterations"] == 1
+    assert summary["iterations"] == 2
     state = read_state(tmp_path / "run")
+    assert state["stages"]["iter_001/train"]["result"]["warm_start"] is True  # from iteration 0's heads
     model = potentials.load(tmp_path / "run" / state["final_model"], device="cpu")
     assert isinstance(model, ShallowCommittee) and model.n_members == 3
     assert state["stages"]["iter_000/train"]["result"]["members_mode"] == "shallow"
