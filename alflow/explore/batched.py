@@ -378,16 +378,22 @@ def run_batched(
                 if bar is not None:
                     bar.update(max(w.spec.steps - step, 0))
         if leaving:
-            keep = [k for k in range(len(walkers)) if k not in set(leaving)]
-            for k in sorted(leaving, reverse=True):
-                walkers.pop(k)
-            if keep:
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                state, mon = select(state, index), mon.select(index)
-                present = integrators.kinds(state)
-            else:
-                state, mon = None, None
-            force_call.nl.reset()
+            retire(leaving)
+
+    def retire(slots: list[int]) -> None:
+        """Take the walkers in batch ``slots`` out of the batch; the others' state is untouched."""
+        nonlocal state, mon, present
+        assert state is not None and mon is not None
+        keep = [k for k in range(len(walkers)) if k not in set(slots)]
+        for k in sorted(slots, reverse=True):
+            walkers.pop(k)
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            state, mon = select(state, index), mon.select(index)
+            present = integrators.kinds(state)
+        else:
+            state, mon = None, None
+        force_call.nl.reset()
 
     with torch.no_grad():
         while queue or walkers:
@@ -405,16 +411,7 @@ def run_batched(
                     results[w.index] = WalkerResult(w.spec.name, ERROR, w.step, w.trajectory.frames,
                                                     str(w.trajectory.path), float(mon.worst[k]), _error(exc),
                                                     time.perf_counter() - w.started)
-                keep = [k for k in range(len(walkers)) if k not in set(culprits)]
-                for k in sorted(culprits, reverse=True):
-                    walkers.pop(k)
-                if keep:
-                    index = torch.tensor(keep, dtype=torch.long, device=device)
-                    state, mon = select(state, index), mon.select(index)
-                    present = integrators.kinds(state)
-                else:
-                    state, mon = None, None
-                force_call.nl.reset()
+                retire(culprits)
                 continue
             state, mon = update_monitor(stepped, mon, **limits)
             for w in walkers:
