@@ -167,7 +167,11 @@ def gate_fields(gate: Gated | dict | None) -> dict[str, Any]:
     if gate is None:
         return {}
     gate = Gated.from_dict(gate)
-    return {"gates": {g["name"]: {k: g.get(k) for k in ("passed", "errors", "tolerances", "ratio", "message")}
+    def scalars(values: dict[str, Any] | None) -> dict[str, float]:  # V0, B, C11, ... (no curves or matrices)
+        return {k: v for k, v in (values or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    return {"gates": {g["name"]: {**{k: g.get(k) for k in ("passed", "errors", "tolerances", "ratio", "message")},
+                                  "model": scalars(g.get("model")), "reference": scalars(g.get("reference"))}
                       for g in gate.gates},
             "gates_passed": gate.passed, "gate_labels": gate.n_labelled,
             "seconds_gate": gate.seconds}

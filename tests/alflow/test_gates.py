@@ -137,6 +137,7 @@ def test_a_failing_gate_keeps_the_loop_going_and_its_labels_are_paid_once(tmp_pa
     assert [r["gates_passed"] for r in rows] == [False, False] and [r["converged"] for r in rows] == [False, False]
     eos = rows[0]["gates"]["eos"]
     assert eos["passed"] is False and eos["errors"]["volume_rel"] > eos["tolerances"]["volume_rel"] == 1e-9
+    assert eos["reference"]["v0"] == pytest.approx(3.59**3 / 4, rel=0.01) and eos["model"]["bulk_modulus_gpa"] > 0
     # the gate's labels are in the dataset (origin gate:eos) and in the budget
     frames = Dataset(run_dir / "dataset", create=False).frames()
     assert sum(a.info.get("origin") == "gate:eos" for a in frames) == 5  # labelling keeps the source as origin
@@ -149,6 +150,7 @@ def test_a_failing_gate_keeps_the_loop_going_and_its_labels_are_paid_once(tmp_pa
     write_report(run_dir)
     md = (run_dir / "report.md").read_text()
     assert "## Convergence gates" in md and "FAILED" in md and (run_dir / "report/gate_eos.png").is_file()
+    assert f"v0 {eos['reference']['v0']:.4g}" in md  # the oracle's value in the gates table
     assert run_is_complete(cfg)
 
 
