@@ -166,7 +166,6 @@ def test_gates_that_hold_let_the_loop_stop(tmp_path):
     assert read_state(run_dir)["status"] == "converged"
 
 
-@pytest.mark.slow
 def test_gate_labels_reach_max_labels(tmp_path):
     """4 rattled + 5 gate labels reach a cap of 9 before any selection: the run stops there, gates failing."""
     capped = config_from_dict(gated_config(tmp_path / "capped", {"points": 5, "tol_volume": 1e-9,
