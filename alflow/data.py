@@ -65,6 +65,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from alflow.fileio import atomic_write_json
 from alflow.io import (
     TMP_PREFIX,
     DatasetError,
@@ -456,13 +457,7 @@ class Dataset:
             names = sorted(self._cache)
             payload = {"hashes": sorted(targets), "shards": names,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid()}
-            tmp = self.path / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{JOURNAL}"
-            with open(tmp, "w") as fh:
-                json.dump(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path / JOURNAL)
-            fsync_dir(self.path)
+            atomic_write_json(self.path / JOURNAL, payload)  # fsyncs the file and the directory
             self._finish_removal()
             return removed
 

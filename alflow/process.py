@@ -268,9 +268,9 @@ def _write(pidfile: Path, records: list[dict[str, Any]]) -> None:
         pidfile.unlink(missing_ok=True)
         return
     pidfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pidfile.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{pidfile.name}")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, pidfile)
+    from alflow.fileio import atomic_write_json
+
+    atomic_write_json(pidfile, records, indent=1)
 
 
 def record(pidfile: str | os.PathLike, pid: int, command: Sequence[str] | str = ()) -> None:
