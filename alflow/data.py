@@ -457,7 +457,8 @@ class Dataset:
             names = sorted(self._cache)
             payload = {"hashes": sorted(targets), "shards": names,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid()}
-            atomic_write_json(self.path / JOURNAL, payload)  # fsyncs the file and the directory
+            atomic_write_json(self.path / JOURNAL, payload)
+            fsync_dir(self.path)  # the journal is durable before any shard is touched
             self._finish_removal()
             return removed
 
