@@ -316,6 +316,11 @@ def reap(pidfile: str | os.PathLike) -> list[int]:
     return killed
 
 
+
+# set by sigterm_exits' handler: a library that catches the SystemExit it raises (and wraps it in
+# its own error) cannot hide that the process was told to stop
+TERMINATED = threading.Event()
+
 @contextlib.contextmanager
 def sigterm_exits(code: int = 143) -> Iterator[None]:
     """While active (main thread only), SIGTERM raises ``SystemExit(code)``: ``finally`` blocks and context
@@ -325,8 +330,10 @@ def sigterm_exits(code: int = 143) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        TERMINATED.set()
         raise SystemExit(code)
 
+    TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield

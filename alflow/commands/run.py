@@ -179,28 +179,36 @@ FIX_INPUT = (f"{KEPT}; fix what is named above, then rerun the same command (add
 
 
 def run(args: argparse.Namespace) -> int:
+    from alflow.process import TERMINATED, sigterm_exits
+
+    try:
+        with sigterm_exits():  # SIGTERM unwinds (children stopped, lock released) and exits 143
+            return _run(args)
+    except Exception as err:  # noqa: BLE001 - a failed stage: state.json keeps what finished
+        if TERMINATED.is_set():  # SIGTERM's SystemExit came back wrapped in a library's error (prefect/pydantic)
+            print(f"alflow run: stopped by SIGTERM ({type(err).__name__}); {KEPT}", file=sys.stderr)
+            return 143
+        return _failure(err)
+
+
+def _failure(err: Exception) -> int:
+    """Print what went wrong with the advice for its kind; return the exit code."""
     from alflow.cli import os_error_message
     from alflow.config import ConfigError
     from alflow.errors import AlflowError
     from alflow.loop import RunLockedError, RunStateError
 
-    from alflow.process import sigterm_exits
-
-    try:
-        with sigterm_exits():  # SIGTERM unwinds (children stopped, lock released) and exits 143
-            return _run(args)
-    except (ConfigError, RunLockedError, RunStateError) as err:
+    if isinstance(err, (ConfigError, RunLockedError, RunStateError)):
         print(f"alflow run: {err}", file=sys.stderr)
         return 2
-    except AlflowError as err:  # bad input found while a stage ran (exit 2), or the stage failed (1)
+    if isinstance(err, AlflowError):  # bad input found while a stage ran (exit 2), or the stage failed (1)
         advice = FIX_INPUT if err.exit_code == 2 else f"{KEPT}; rerun the same command to resume"
         print(f"alflow run: {err}\n{advice}", file=sys.stderr)
         return err.exit_code
-    except OSError as err:  # a file that cannot be written (a full disk) or read
+    if isinstance(err, OSError):  # a file that cannot be written (a full disk) or read
         print(f"alflow run: {os_error_message(err)}\n{KEPT}; fix it, then rerun the same command to resume",
               file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - a failed stage: state.json keeps what finished
-        print(f"alflow run: {type(err).__name__}: {err}\n{KEPT}; rerun the same command to resume once its cause "
-              "is fixed", file=sys.stderr)
-        return 1
+    print(f"alflow run: {type(err).__name__}: {err}\n{KEPT}; rerun the same command to resume once its cause "
+          "is fixed", file=sys.stderr)
+    return 1

@@ -199,3 +199,24 @@ def test_stop_kills_a_child_that_ignores_sigterm(tmp_path):
     t0 = time.monotonic()
     assert stop(stubborn, grace=0.5) == -signal.SIGKILL
     assert time.monotonic() - t0 < 5.0
+
+
+def test_sigterm_wrapped_by_a_library_still_exits_143(monkeypatch, capsys):
+    """SIGTERM's SystemExit caught and re-raised as another error (as pydantic does inside Prefect's
+    serialisers) must still end `alflow run` with 143, not as a failed stage (exit 1)."""
+    import argparse
+    import time
+
+    from alflow.commands import run as run_command
+
+    def wrapped(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except SystemExit as exc:
+            raise RuntimeError("Error calling function `_ser_model`: SystemExit: 143") from exc
+        return 0
+
+    monkeypatch.setattr(run_command, "_run", wrapped)
+    assert run_command.run(argparse.Namespace()) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
