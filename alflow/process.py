@@ -322,16 +322,25 @@ def reap(pidfile: str | os.PathLike) -> list[int]:
 TERMINATED = threading.Event()
 
 @contextlib.contextmanager
-def sigterm_exits(code: int = 143) -> Iterator[None]:
+def sigterm_exits(code: int = 143, grace: float = 15.0) -> Iterator[None]:
     """While active (main thread only), SIGTERM raises ``SystemExit(code)``: ``finally`` blocks and context
-    managers run, so children are stopped and locks released, instead of Python's silent default death."""
+    managers run, so children are stopped and locks released, instead of Python's silent default death. If the
+    process has not exited ``grace`` seconds (s) after the signal, it exits with ``code`` at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
         TERMINATED.set()
+        # a library may catch the SystemExit below and carry on (seen inside Prefect): leave anyway after a
+        # grace period; children still die with us (parent-death signal, guard watchdogs)
+        timer = threading.Timer(grace, os._exit, args=(code,))
+        timer.daemon = True
+        timers.append(timer)
+        timer.start()
         raise SystemExit(code)
+
+    timers: list[threading.Timer] = []
 
     TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, handler)
@@ -339,6 +348,8 @@ def sigterm_exits(code: int = 143) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for timer in timers:  # the unwinding reached us: no need to force the exit
+            timer.cancel()
 
 
 # ----------------------------------------------------------------------------- guard
