@@ -27,6 +27,7 @@ example: setup
 	$(VENV)/bin/alflow run examples/cu_emt/config.yaml
 
 test: setup
+	bash scripts/install_test_codes.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

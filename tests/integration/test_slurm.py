@@ -109,7 +109,8 @@ def slurm(tmp_path_factory):
             logs = "\n".join((base / "log" / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
                              if (base / "log" / f).is_file())
             pytest.fail(f"Slurm did not come up (sinfo: {out.stdout.strip()!r} {out.stderr.strip()!r})\n{logs}")
-        yield {"conf": conf, "jobcomp": base / "jobcomp.txt", "node": node, "logs": base / "jobs", "env": env}
+        yield {"conf": conf, "jobcomp": base / "jobcomp.txt", "node": node, "logs": base / "jobs", "env": env,
+               "slurmd_log": base / "log" / "slurmd.log"}
     finally:
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
         time.sleep(2)
@@ -257,3 +258,48 @@ def test_labels_run_in_a_slurm_job_with_the_code_launched_as_a_job_step(slurm, t
     assert len(job_ids) == 1 and job_ids != {"none"}
     jobs = _wait_for_jobcomp(slurm["jobcomp"], job_ids)
     assert jobs[job_ids.pop()]["Name"] == "alflow-cpu"
+
+
+@pytest.mark.dft("espresso")
+def test_a_quantum_espresso_label_runs_as_a_job_step_of_a_slurm_label_job(slurm, tmp_path, monkeypatch):
+    """Real DFT inside the scheduler: pw.x started by ``srun --mpi=pmix -n {cores}`` inside the label job (Debian's QE)."""
+    pytest.importorskip("dask_jobqueue")
+    import re
+
+    import distributed
+    import numpy as np
+    from ase.build import bulk
+
+    from alflow.cluster import BatchCluster
+    from alflow.config import ClusterConfig, LabellingConfig
+    from alflow.data import Dataset
+    from alflow.keys import REF_ENERGY, REF_FORCES
+    from alflow.label import label_frames
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=3)
+    # Debian's Open MPI is direct-launched by srun through PMIx (as on most clusters: srun --mpi=pmix)
+    labelling = LabellingConfig(oracle="espresso", timeout_s=300, mpi_command="srun --mpi=pmix -n {cores}",
+                                cores_per_calculation=1, kpoint_density=1.0,
+                                parameters={"ecutwfc": 20, "electrons": {"conv_thr": 1e-7}})
+    cluster = ClusterConfig(kind="slurm", log_directory=str(slurm["logs"]),
+                            pools={"cpu": {"cores": 1, "memory": "2GB", "walltime": "00:10:00", "jobs": 1}})
+    work = tmp_path / "work"
+    with BatchCluster(cluster.model_dump(mode="json")) as batch, distributed.Client(batch) as client:
+        job_id = client.submit(lambda: os.environ.get("SLURM_JOB_ID"), pure=False).result(timeout=300)
+        result = client.submit(label_frames, [atoms], labelling, str(tmp_path / "ds"), str(work),
+                               progress=False, max_workers=1, pure=False).result(timeout=600)
+    assert result.n_labelled == 1, result
+    ds = Dataset(tmp_path / "ds")
+    (frame,) = ds.frames()
+    forces = np.asarray(frame.arrays[REF_FORCES])
+    assert forces.shape == (2, 3) and np.isfinite(forces).all() and np.abs(forces.sum(0)).max() < 1e-3
+    assert float(frame.info[REF_ENERGY]) < -200  # two Si atoms with a PBE pseudopotential: about -15.8 Ry each
+    assert frame.info["source"] == "dft"
+    # slurmd launched the code as steps of the label job (the probe calculation and the label)
+    steps = set(re.findall(rf"StepId={job_id}\.(\d+)", slurm["slurmd_log"].read_text()))
+    assert job_id and steps, slurm["slurmd_log"].read_text()[-2000:]
+    jobs = _wait_for_jobcomp(slurm["jobcomp"], {job_id})
+    assert jobs[job_id]["Name"] == "alflow-cpu" and jobs[job_id]["NodeList"] == slurm["node"]
