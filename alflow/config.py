@@ -539,16 +539,41 @@ class PhononGateConfig(_Model):
         return self
 
 
+class RDFGateConfig(_Model):
+    """Radial-distribution-function gate (alflow.gates, alflow.gate_md): g(r) of a seeded Langevin MD run, committee vs oracle."""
+
+    structure: FilePath | None = Field(None, description="Structure file; null: the first system structure (supercell applied). Repeated until wider than 2 rmax.")
+    temperature: Bounded(1e5, "K") = Field(..., gt=0, description="MD temperature (K).")
+    timestep: Bounded(20.0, "fs") = Field(2.0, gt=0, description="MD time step (fs).")
+    equilibration: Bounded(1_000_000, kind=int) = Field(200, ge=0, description="Steps before sampling starts.")
+    steps: Bounded(10_000_000, kind=int) = Field(400, ge=1, description="Steps of the sampled part.")
+    samples: Bounded(10_000, kind=int) = Field(10, ge=1, description="Frames sampled evenly over `steps` (the oracle's are labels, kept in the dataset).")
+    friction: float = Field(0.01, gt=0, le=1.0, description="Langevin friction (1/fs).")
+    seed: int = Field(0, ge=0, description="Seed of the initial velocities and the thermostat noise (both runs).")
+    rmax: Bounded(30.0, "Å") = Field(5.0, gt=0, description="Largest distance of g(r) (Å).")
+    bins: Bounded(10_000, kind=int) = Field(100, ge=5, description="Histogram bins of g(r).")
+    tol: float = Field(0.1, gt=0, description="Tolerance on the integrated |g_model - g_oracle| relative to the integral of g_oracle.")
+    tol_peak: Bounded(10.0, "Å") | None = Field(None, gt=0, description="Tolerance on the shift of the first peak (Å); null: not checked.")
+    timeout_s: Bounded(1e7, "s") = Field(3600.0, gt=0, description="Wall-time limit of the oracle's MD run (s); it runs once.")
+
+    @model_validator(mode="after")
+    def _samples(self) -> RDFGateConfig:
+        if self.samples > self.steps:
+            raise _fail(f"expected at most `steps` ({self.steps}) samples", "samples", got=self.samples)
+        return self
+
+
 class GatesConfig(_Model):
     """Physics gates (alflow.gates, docs/convergence.md): the loop converges only when every configured gate holds."""
 
     eos: EOSGateConfig | None = Field(None, description="Equation of state: V0 and bulk modulus vs the oracle.")
     elastic: ElasticGateConfig | None = Field(None, description="Elastic constants vs the oracle.")
     phonons: PhononGateConfig | None = Field(None, description="Phonon frequencies vs the oracle (phonopy).")
+    rdf: RDFGateConfig | None = Field(None, description="Radial distribution function of an MD run vs the oracle's.")
 
     def configured(self) -> dict[str, Any]:
         """name -> config of every gate that is set, in the gate table's order."""
-        return {name: spec for name in ("eos", "elastic", "phonons") if (spec := getattr(self, name)) is not None}
+        return {name: spec for name in ("eos", "elastic", "phonons", "rdf") if (spec := getattr(self, name)) is not None}
 
 
 class LoopConfig(_Model):
@@ -558,7 +583,7 @@ class LoopConfig(_Model):
     max_labels: int | None = Field(None, ge=1, description="Stop once this many frames were labelled in total.")
     convergence_fraction: float = Field(0.99, gt=0, le=1, description="Converged when this fraction of explored frames is below selection.lower.")
     convergence_patience: int = Field(1, ge=1, description="Consecutive converged iterations required to stop.")
-    gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons).")
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="Physics gates that must also hold to converge (eos, elastic, phonons, rdf).")
 
 
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")  # [D-]HH:MM[:SS], Slurm's and PBS's forms

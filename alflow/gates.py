@@ -25,7 +25,12 @@ The gates (the table ``GATES``; configuration ``loop.gates``, ``alflow.config.Ga
   the oracle (vs ``tol``);
 - ``phonons``: harmonic frequencies (THz) at ``qpoints`` (fractional, of the gate
   structure's reciprocal cell) from finite-displacement force constants by phonopy on a
-  ``supercell``; error: the largest |Δν| over q-points and bands vs ``tol_thz``.
+  ``supercell``; error: the largest |Δν| over q-points and bands vs ``tol_thz``;
+- ``rdf``: the radial distribution function g(r) up to ``rmax`` (Å) of a seeded Langevin MD run
+  at ``temperature`` (K) (``alflow.gate_md``), once with the committee and once with the oracle
+  (its sampled frames are labels); its one "structure" is the start of both runs (the gate
+  structure repeated until the cell is wider than 2 ``rmax``). Error: ∫|Δg| dr / ∫ g_oracle dr
+  vs ``tol`` and optionally the shift of the first peak (Å) vs ``tol_peak``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
-GATES = ("eos", "elastic", "phonons")  # the gate table: name -> (structures, quantity, compare) below
+GATES = ("eos", "elastic", "phonons", "rdf")  # the gate table: name -> (structures, quantity, compare) below
 PHONOPY_HINT = "pip install phonopy (or the extra: pip install 'alflow[phonons]')"
 
 
@@ -272,6 +277,45 @@ def phonon_compare(spec: Any, model: dict[str, Any], reference: dict[str, Any]) 
     return _result("phonons", {"frequency_thz": float(d.max())}, {"frequency_thz": s["tol_thz"]}, model, reference)
 
 
+# ----------------------------------------------------------------------------------------- RDF
+
+
+def rdf_md(spec: Any) -> dict[str, Any]:
+    """The MD settings of the rdf gate (alflow.gate_md.sample): temperature K, timestep fs, steps, samples, seed."""
+    s = _spec(spec)
+    return {k: s[k] for k in ("temperature", "timestep", "equilibration", "steps", "samples", "seed", "friction")}
+
+
+def rdf_structures(atoms: Atoms, s: dict[str, Any]) -> list[Atoms]:
+    from alflow.gate_md import md_supercell
+
+    start = md_supercell(atoms, s["rmax"])
+    start.calc = None
+    return [start]
+
+
+def rdf_quantity(spec: Any, atoms: Atoms, frames: Sequence[Atoms]) -> dict[str, Any]:
+    """g(r) averaged over the sampled MD ``frames`` (not Props: the RDF needs positions), and its first peak."""
+    from alflow.gate_md import average_rdf
+
+    s = _spec(spec)
+    r, g = average_rdf(list(frames), s["rmax"], s["bins"])
+    return {"r": r.round(5).tolist(), "g": g.round(5).tolist(), "first_peak_r": float(r[int(np.argmax(g))]),
+            "frames": len(frames)}
+
+
+def rdf_compare(spec: Any, model: dict[str, Any], reference: dict[str, Any]) -> GateResult:
+    s = _spec(spec)
+    r, gm, gr = (np.asarray(model["r"], float), np.asarray(model["g"], float), np.asarray(reference["g"], float))
+    dr = float(r[1] - r[0]) if len(r) > 1 else 1.0
+    errors = {"rdf_l1_rel": float(np.abs(gm - gr).sum() * dr / max(gr.sum() * dr, 1e-12)),
+              "first_peak_shift_a": abs(model["first_peak_r"] - reference["first_peak_r"])}
+    tols = {"rdf_l1_rel": s["tol"]}
+    if s.get("tol_peak") is not None:
+        tols["first_peak_shift_a"] = s["tol_peak"]
+    return _result("rdf", errors, tols, model, reference)
+
+
 # ----------------------------------------------------------------------------------------- the table
 
 
@@ -287,6 +331,7 @@ _TABLE: dict[str, tuple[Callable[..., list[Atoms]], Callable[..., dict], Callabl
     "eos": (lambda atoms, s: eos_structures(atoms, s["strain"], s["points"]), eos_quantity, eos_compare),
     "elastic": (lambda atoms, s: elastic_structures(atoms, s["delta"]), elastic_quantity, elastic_compare),
     "phonons": (lambda atoms, s: phonon_structures(atoms, s), phonon_quantity, phonon_compare),
+    "rdf": (rdf_structures, rdf_quantity, rdf_compare),  # quantity takes the sampled MD frames, not Props
 }
 assert tuple(_TABLE) == GATES
 
@@ -297,7 +342,8 @@ def structures(name: str, spec: Any, atoms: Atoms) -> list[Atoms]:
 
 
 def quantity(name: str, spec: Any, atoms: Atoms, props: Sequence[Props]) -> dict[str, Any]:
-    """The gate's property from the ``Props`` of ``structures(name, spec, atoms)``, in that order."""
+    """The gate's property from the ``Props`` of ``structures(name, spec, atoms)``, in that order
+    (for ``rdf``: the sampled MD frames, see ``run_gate``)."""
     return _TABLE[name][1](spec, atoms, props)
 
 
@@ -310,6 +356,13 @@ def run_gate(name: str, spec: Any, atoms: Atoms, model_calc: Any, reference: Any
     """Gate ``name`` of ``model_calc`` against ``reference``: an ASE calculator, or the oracle's ``Props``
     of ``structures(name, spec, atoms)`` (labels read with ``from_labels``)."""
     frames = structures(name, spec, atoms)
+    if name == "rdf":  # two MD runs from the same start, same seed
+        from alflow.gate_md import sample
+
+        md = rdf_md(spec)
+        ref = reference if isinstance(reference, (list, tuple)) else sample(frames[0], reference, md)
+        return compare(name, spec, quantity(name, spec, atoms, sample(frames[0], model_calc, md)),
+                       quantity(name, spec, atoms, ref))
     stress = name == "elastic"
     ref_props = evaluate(frames, reference, stress) if not isinstance(reference, (list, tuple)) else reference
     return compare(name, spec, quantity(name, spec, atoms, evaluate(frames, model_calc, stress)),

@@ -251,6 +251,8 @@ def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict
     specs = cfg.loop.gates.configured()
     todo = {}
     for name, spec in specs.items():
+        if name == "rdf":  # an MD gate: its oracle frames come from an MD run, not from labelling structures
+            continue
         atoms = gate_structure(cfg, spec)
         frames = G.structures(name, spec, atoms)
         for a in frames:
@@ -259,7 +261,8 @@ def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict
     every = [a for _, _, frames in todo.values() for a in frames]
     hashes = {frame_hash(a) for a in every}
     before = len(hashes & ds.hashes)
-    counts = _label_into(every, cfg, ds, out, progress, bool(inputs.get("retry_failed")))
+    counts = (_label_into(every, cfg, ds, out, progress, bool(inputs.get("retry_failed"))) if every
+              else {"n_failed": 0})
     by_hash = {a.info[FRAME_HASH]: a for a in ds.frames() if a.info.get(FRAME_HASH) in hashes}
     calc = AlflowCalculator(inputs["model"], device=cfg.execution.device)
     results = []
@@ -277,12 +280,70 @@ def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict
         except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:  # e.g. an E-V fit without a minimum
             results.append(G.GateResult(name=name, passed=False, errors={}, tolerances={},
                                         message=f"{type(err).__name__}: {err}"[:500]))
+    n_new = len(hashes & ds.hashes) - before
+    n_frames, n_failed = len(hashes), counts["n_failed"]
+    if "rdf" in specs:
+        result, stored, new = _rdf_gate(cfg, specs["rdf"], ds, out, iteration, calc)
+        results.append(result)
+        n_frames, n_new, n_failed = n_frames + stored, n_new + new, n_failed + (0 if result.model or stored else 1)
     for r in results:
         log.info("iteration %s: gate %s", iteration, r.describe())
     atomic_write_text(out / "gates.json", json_text([r.to_dict() for r in results]))
     return Gated(gates=tuple(r.to_dict() for r in results), passed=all(r.passed for r in results),
-                 n_frames=len(hashes), n_labelled=len(hashes & ds.hashes) - before,
-                 n_failed=counts["n_failed"], dataset_size=len(ds))
+                 n_frames=n_frames, n_labelled=n_new, n_failed=n_failed, dataset_size=len(ds))
+
+
+def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, calc: Any) -> tuple[Any, int, int]:
+    """The rdf gate (alflow.gates, alflow.gate_md): (GateResult, oracle frames it uses, new labels stored).
+
+    The oracle's MD runs once: its sampled frames are stored in the dataset with ``gate_key`` (start
+    structure, MD settings, oracle settings) and found there by later iterations. A failed or killed
+    oracle run keeps the frames it sampled (labels) and fails the gate; the next iteration runs it again.
+    """
+    from alflow import gates as G
+    from alflow.gate_md import run_isolated, sample
+    from alflow.io import frame_hash
+    from alflow.keys import ITERATION, LABELLER, SOURCE
+    from alflow.label import oracle_key
+    from alflow.oracles import source_of
+    from alflow.secrets import redact
+
+    start = G.structures("rdf", spec, gate_structure(cfg, spec))[0]
+    md = G.rdf_md(spec)
+    lab = cfg.labelling
+    key = oracle_key(lab.oracle, redact(lab.parameters), lab.kpoint_density, extra=["rdf", frame_hash(start), md])
+    mine = [a for a in ds.frames() if a.info.get("gate_key") == key]
+    new = 0
+    failure = ""
+    if len(mine) < md["samples"]:
+        try:
+            frames = run_isolated(start, lab, {**md, "stress": True}, out / "rdf_oracle_md", spec.timeout_s)
+        except RuntimeError as err:
+            failure = str(err)[:1500]
+            from ase.io import read
+
+            partial = out / "rdf_oracle_md" / "frames.extxyz"
+            frames = list(read(partial, index=":")) if partial.is_file() and partial.stat().st_size else []
+        for a in frames:
+            a.info.update({"gate_key": key, "origin": "gate:rdf", ITERATION: iteration, LABELLER: lab.oracle,
+                           SOURCE: source_of(lab.oracle), "oracle_key": oracle_key(lab.oracle, redact(lab.parameters),
+                                                                                    lab.kpoint_density)})
+        before = len(ds)
+        if frames:
+            ds.append(frames)
+        new = len(ds) - before
+        mine = frames if not failure else []
+    if failure or not mine:
+        return (G.GateResult(name="rdf", passed=False, errors={}, tolerances={},
+                             message=f"the oracle's MD did not finish: {failure}" if failure else "no oracle MD frames"),
+                len(mine), new)
+    try:
+        model = G.quantity("rdf", spec, start, sample(start, calc, md))
+        result = G.compare("rdf", spec, model, G.quantity("rdf", spec, start, mine))
+    except (ValueError, RuntimeError) as err:  # e.g. the committee's MD exploded
+        result = G.GateResult(name="rdf", passed=False, errors={}, tolerances={},
+                              message=f"{type(err).__name__}: {err}"[:500])
+    return result, len(mine), new
 
 
 def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Explored:

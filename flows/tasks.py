@@ -105,7 +105,7 @@ def stage_timeouts(config: RunConfig) -> dict[str, float | None]:
         "explore": None,
         "select": None,
         "label": labelling(config.selection.max_per_iteration),
-        "gate": labelling(gate_frames(config)),
+        "gate": labelling(gate_frames(config)) + (config.loop.gates.rdf.timeout_s if config.loop.gates.rdf else 0.0),
     }
 
 

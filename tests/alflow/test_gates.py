@@ -211,3 +211,57 @@ def test_every_stage_has_a_prefect_task_and_a_timeout(tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path / "run", loop={"gates": {"eos": {}, "elastic": {}}}))
     assert tuple(tasks.TASKS) == STAGES and set(tasks.stage_timeouts(cfg)) == set(STAGES)
     assert tasks.gate_frames(cfg) == 7 + 12
+
+
+# ----------------------------------------------------------------------------------------- rdf
+
+RDF = {"temperature": 600.0, "timestep": 4.0, "equilibration": 50, "steps": 200, "samples": 8, "seed": 0,
+       "friction": 0.02, "rmax": 4.5, "bins": 60, "tol": 0.15, "tol_peak": 0.05}
+
+
+def test_rdf_gate_of_emt_against_itself_at_another_seed_holds_and_a_wrong_model_fails():
+    from ase.calculators.lj import LennardJones
+
+    from alflow.gate_md import sample
+
+    # the same physics sampled with other thermostat noise: only statistical differences
+    reference = sample(gates.structures("rdf", RDF, CU)[0], EMT(), {**gates.rdf_md(RDF), "seed": 1})
+    other_seed = gates.run_gate("rdf", RDF, CU, EMT(), reference)
+    assert other_seed.passed, other_seed.describe()
+    assert 2.4 < other_seed.reference["first_peak_r"] < 2.7  # Cu nearest neighbours at a/sqrt(2) = 2.55 A
+    assert other_seed.reference["frames"] == 8 and len(other_seed.model["g"]) == 60
+    # a Lennard-Jones "copper" with its minimum at 2.9 A in the same fixed cell: other vibrations, another g(r)
+    off = gates.run_gate("rdf", RDF, CU, LennardJones(sigma=2.9 / 2 ** (1 / 6), epsilon=0.4, rc=4.5), EMT())
+    assert not off.passed and off.errors["rdf_l1_rel"] > 0.5 and off.ratio > 1, off.describe()
+    assert off.errors["first_peak_shift_a"] > other_seed.errors["first_peak_shift_a"]
+
+
+def test_rdf_start_structure_is_wider_than_twice_rmax():
+    start = gates.structures("rdf", RDF, CU)[0]
+    assert len(start) == 27 * len(CU)  # the 3.61 A cubic cell -> 3 x 3 x 3 (10.8 A > 9 A) for rmax 4.5 A
+    widths = start.cell.volume / np.linalg.norm(np.cross(start.cell[[1, 2, 0]], start.cell[[2, 0, 1]]), axis=1)
+    assert widths.min() > 2 * RDF["rmax"]
+
+
+def test_rdf_gate_config_is_validated():
+    with pytest.raises(ConfigError, match="loop.gates.rdf.samples"):
+        config_from_dict(tiny_config("/tmp/x", loop={"gates": {"rdf": {"temperature": 300, "steps": 5, "samples": 10}}}))
+    with pytest.raises(ConfigError, match="loop.gates.rdf.temperature"):
+        config_from_dict(tiny_config("/tmp/x", loop={"gates": {"rdf": {}}}))
+
+
+def test_rdf_gate_in_the_loop_pays_the_oracle_md_once(tmp_path):
+    run_dir = tmp_path / "run"
+    rdf = {"temperature": 300.0, "equilibration": 20, "steps": 60, "samples": 3, "rmax": 3.0, "bins": 30, "tol": 1e-6}
+    cfg = config_from_dict(gated_config(run_dir, None, loop={"gates": {"rdf": rdf}}))
+    summary = run_loop(cfg)
+    assert summary["status"] == "max_iterations" and summary["iterations"] == 2  # tol 1e-6: the gate fails
+    state = read_state(run_dir)
+    g0, g1 = (state["stages"][f"iter_00{i}/gate"]["result"] for i in (0, 1))
+    assert g0["n_labelled"] == 3 and g1["n_labelled"] == 0 and g0["n_frames"] == g1["n_frames"] == 3  # paid once
+    rows = read_metrics(run_dir)
+    assert [r["gates"]["rdf"]["passed"] for r in rows] == [False, False]
+    assert rows[0]["gates"]["rdf"]["errors"]["rdf_l1_rel"] > 1e-6 and rows[0]["gates"]["rdf"]["reference"]["frames"] == 3
+    stored = [a for a in Dataset(run_dir / "dataset", create=False).frames() if a.info.get("origin") == "gate:rdf"]
+    assert len(stored) == 3 and all(a.info["labeller"] == "emt" and "REF_stress" in a.info for a in stored)
+    assert rows[-1]["labels_total"] == summary["labels"] and rows[0]["gate_labels"] == 3
