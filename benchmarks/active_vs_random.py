@@ -1,34 +1,49 @@
-"""Active (committee) vs random selection on Cu/EMT: held-out force RMSE vs number of labels.
+"""Active (full / shallow committee) vs random selection on Cu/EMT and CuNi/EMT: held-out force RMSE vs labels.
 
-    python benchmarks/active_vs_random.py --quick --plot active_vs_random.png
-    python benchmarks/active_vs_random.py --pool production --per-iteration 5 --iterations 15 --plot curve.png
-    # or one strategy per process (2 cores), then the same command with both to tabulate and plot:
-    python benchmarks/active_vs_random.py --pool production --per-iteration 5 --iterations 15 --strategies random &
+    python benchmarks/active_vs_random.py --quick --system cu --strategies committee --seeds 0
+    # the issue-14 campaign, one process per strategy and seed (see "Sizing" below), resumable:
+    python benchmarks/active_vs_random.py --preset session --system cuni --strategies shallow --seeds 1
+    # then, on any clone, from the committed result JSONs alone:
+    python benchmarks/active_vs_random.py --table-only --plot curves.png
 
-Both runs use the same loop (alflow.loop.run_loop, no Prefect) and differ only in
-``selection.strategy``: "committee" (frames whose calibrated committee force
-deviation lies in [lower, upper], farthest-point sampled) or "random" (a seeded
-uniform draw among the same filtered explored frames). Everything else is equal:
-the initial dataset (rattled 32-atom fcc Cu, a = 3.61 Å), the model (a small SchNet
-committee), the training budget, the walkers (each iteration explores with that
-run's current committee: Langevin NVT at 300-1500 K from relaxed, strained, vacancy
-and rattled starts; ``--pool`` sets how many near-equilibrium walkers run beside the
-hard ones, see ``pool_walkers``) and the label budget per iteration (``--per-iteration``).
-A run that finished is resumed, not recomputed (``alflow.loop``): raising
-``--iterations`` and rerunning extends both curves. The
-committee run may label fewer frames in an iteration when fewer are uncertain; the
-curves are therefore plotted against the number of labelled frames.
+Systems (``--system``). ``cu``: 32-atom fcc Cu (a = 3.61 Å). ``cuni``: random fcc
+Cu(1-x)Ni(x) alloys with composition disorder, 32-atom cells (2x2x2 cubic fcc, Vegard
+lattice constant between Cu 3.61 Å and Ni 3.52 Å); the starting and exploration
+structures are ``N_START_ALLOYS`` cells at x = 0.5 (16 Ni) with seeded random site
+occupation, written as extxyz files into the run directory (``system.structures``;
+the walkers cycle through them and prepare relaxed/strained/vacancy/rattled starts
+from them). Both are labelled with EMT (Jacobsen, Stoltze & Nørskov, Surf. Sci. 366,
+394 (1996)), which covers Cu and Ni.
 
-Held-out test set (never seen by either run): independent EMT Langevin MD of
-32-atom cells at 300-1500 K, some strained (``alflow.datasets.cu_emt_dataset``
-with its own seed), plus strained (±4 % random symmetric strain) and vacancy
-(31-atom) cells, rattled and briefly run with EMT MD, all labelled with EMT
-(Jacobsen, Stoltze & Nørskov, Surf. Sci. 366, 394 (1996)).
+Strategies (``--strategies``), all with the same loop (alflow.loop.run_loop, no
+Prefect), initial data, walkers, training budget and label budget per iteration:
+``committee`` (a full committee of independently trained SchNet members, uncertainty
+selection: calibrated max force deviation in [lower, upper], farthest-point sampled),
+``shallow`` (the same selection with ``committee: {kind: shallow, heads: 4}``: one trunk,
+four readout heads, force-NLL fine-tuned; potentials/shallow.py) and ``random`` (a seeded
+uniform draw among the same filtered explored frames, full committee as the model).
+The committee run may label fewer frames in an iteration when fewer are uncertain; the
+curves are therefore against the number of labelled frames.
 
-Each iteration's committee (the mean of its members) is evaluated on the test set;
-the table gives the force RMSE (eV/Å) and energy MAE (meV/atom) against the labels
-it was trained on, and for each strategy the labels needed to reach ``--target``
-force RMSE (eV/Å), or "not reached". Units: eV/Å, meV/atom, K, fs.
+Held-out test set (never seen by any run, seed-independent): ``cu``: independent EMT
+Langevin MD of 32-atom cells at 300-1500 K, some strained (``alflow.datasets.cu_emt_dataset``);
+``cuni``: independent EMT Langevin MD of fresh random alloys at x = 0.25, 0.5, 0.75 (300-1500 K);
+both plus strained (±4 % random symmetric strain) and vacancy (31-atom) cells, rattled and
+briefly run with EMT MD.
+
+Results. Runs go to ``<out>/<system>/<strategy>/seed<k>`` and resume from there (a run that
+stopped is not recomputed; raising ``--iterations`` extends it). Each finished run's evaluated
+curve (labels, forces_rmse (eV/Å), energy_mae_meV (meV/atom) per iteration, the run's seconds,
+the arguments) goes to ``benchmarks/results/active_vs_random/<system>_<strategy>_seed<k>.json``;
+runs with such a file are skipped unless ``--rerun``. The table gives, per target force RMSE,
+the labels to reach it as mean ± spread (min–max) over the seeds that reached it, "k/n reached",
+and the ratios random/committee and random/shallow of the means.
+
+Sizing (``--preset session``: one strategy × one seed × one system in about 15–20 min on
+one core, OMP_NUM_THREADS=1 --threads 1; batched exploration engine, the trainer's defaults
+otherwise). Measured on this machine (2 shared cores, a second benchmark on the other core):
+SEE_MEASURED
+Units: eV/Å, meV/atom, K, fs, s.
 """
 
 from __future__ import annotations
@@ -50,26 +65,78 @@ from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from alflow.keys import REF_ENERGY, REF_FORCES, REF_STRESS
 
-A_CU = 3.61  # Å
-STRATEGIES = ("committee", "random")
+SESSION_ITERATIONS = 8  # ~18 min for a full committee on one core (measured: see the module docstring)
+A_CU, A_NI = 3.61, 3.52  # Å (EMT-near experimental fcc lattice constants)
+STRATEGIES = ("committee", "shallow", "random")
+SYSTEMS = ("cu", "cuni")
+N_START_ALLOYS = 4  # distinct random x = 0.5 cells the cuni walkers and initial frames cycle through
+TEST_COMPOSITIONS = (0.25, 0.5, 0.75)  # Ni fractions of the cuni held-out MD
+RESULTS = Path(__file__).resolve().parent / "results" / "active_vs_random"
+# default targets (eV/Å) per system: the issue's style, around what the presets reach
+TARGETS = {"cu": [0.05, 0.03, 0.02, 0.015, 0.01], "cuni": [0.08, 0.05, 0.03, 0.02, 0.015]}
 
 
-def base_config(args: argparse.Namespace, strategy: str, run_dir: Path) -> dict[str, Any]:
-    """The run configuration shared by both strategies; only selection.strategy differs."""
+def alloy_cell(x_ni: float, rng: np.random.Generator, repeat: int = 2) -> Atoms:
+    """A random fcc Cu(1-x)Ni(x) cell: ``repeat``³ cubic cells (32 atoms for 2), round(x N) Ni on random sites.
+
+    The lattice constant follows Vegard's law between Cu (3.61 Å) and Ni (3.52 Å) at the actual composition.
+    """
+    if not 0.0 <= x_ni <= 1.0:
+        raise ValueError(f"x_ni: expected a Ni fraction in [0, 1], got {x_ni}")
+    n = 4 * repeat**3
+    n_ni = int(round(x_ni * n))
+    a = A_CU + (A_NI - A_CU) * n_ni / n
+    atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat(repeat)
+    symbols = np.array(["Cu"] * n)
+    symbols[rng.choice(n, size=n_ni, replace=False)] = "Ni"
+    atoms.set_chemical_symbols(list(symbols))
+    atoms.pbc = True
+    return atoms
+
+
+def write_start_alloys(run_dir: Path, seed: int, n: int = N_START_ALLOYS) -> list[str]:
+    """``n`` seeded random x = 0.5 cells as extxyz files in ``run_dir/structures``; their paths (system.structures)."""
+    from ase.io import write
+
+    rng = np.random.default_rng([seed, 14])
+    folder = run_dir / "structures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        path = folder / f"cuni_x050_{k}.extxyz"
+        atoms = alloy_cell(0.5, rng)
+        if not path.exists():  # a resumed run keeps its structures
+            write(path, atoms, format="extxyz")
+        paths.append(str(path))
+    return paths
+
+
+def system_section(system: str, run_dir: Path, seed: int, initial: int) -> dict[str, Any]:
+    rattle = {"n_frames": initial, "stdev": 0.05, "strain": 0.02}
+    if system == "cu":
+        return {"build": {"element": "Cu", "crystal": "fcc", "a": A_CU, "cubic": True}, "supercell": [2, 2, 2],
+                "initial_rattle": rattle}
+    return {"structures": write_start_alloys(run_dir, seed), "initial_rattle": rattle}
+
+
+def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The run configuration shared by all strategies; only selection.strategy and committee.kind differ."""
     walkers = pool_walkers(args.pool, args.steps)
+    committee: dict[str, Any] = {"size": args.committee, "calibrate": True}
+    if strategy == "shallow":
+        committee.update(kind="shallow", heads=4)
     return {
-        "name": f"active-vs-random-{strategy}", "run_dir": str(run_dir), "seed": args.seed,
-        "system": {"build": {"element": "Cu", "crystal": "fcc", "a": A_CU, "cubic": True}, "supercell": [2, 2, 2],
-                   "initial_rattle": {"n_frames": args.initial, "stdev": 0.05, "strain": 0.02}},
+        "name": f"active-vs-random-{system}-{strategy}-seed{seed}", "run_dir": str(run_dir), "seed": seed,
+        "system": system_section(system, run_dir, seed, args.initial),
         "potential": {"architecture": "schnet", "cutoff": 4.5,
                       "hparams": {"n_atom_basis": args.features, "n_filters": args.features, "n_interactions": 2,
                                   "n_rbf": 16}},
-        "committee": {"size": args.committee, "calibrate": True},
+        "committee": committee,
         "training": {"epochs": args.epochs, "batch_size": 4, "lr": 2e-3, "patience": args.epochs,
                      "valid_fraction": 0.15, "warm_start": True, "max_time_s": 600},
-        "exploration": {"engine": "ase", "walkers": walkers, "uncertain_patience": 10_000},
-        "selection": {"strategy": strategy, "lower": args.lower, "upper": 2.0,
-                      "max_per_iteration": args.per_iteration, "diversity": "fps"},
+        "exploration": {"engine": args.engine, "walkers": walkers, "uncertain_patience": 10_000},
+        "selection": {"strategy": "random" if strategy == "random" else "committee", "lower": args.lower,
+                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": "fps"},
         "labelling": {"oracle": "emt", "timeout_s": 60},
         # a fixed number of iterations: convergence only when every explored frame is trusted
         "loop": {"max_iterations": args.iterations, "convergence_fraction": 1.0, "convergence_patience": 100},
@@ -119,24 +186,44 @@ def _md_frames(atoms: Atoms, rng: np.random.Generator, temperature: float, n: in
     return out
 
 
-def held_out_set(n_md: int, n_defect: int, seed: int) -> list[Atoms]:
-    """Held-out frames: EMT MD (300-1500 K, some strained) + strained and vacancy cells (see module docstring)."""
-    from alflow.datasets import cu_emt_dataset
+def _strain(atoms: Atoms, rng: np.random.Generator, magnitude: float = 0.04) -> Atoms:
+    eps = rng.uniform(-magnitude, magnitude, size=(3, 3))
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+    return atoms
 
-    frames = cu_emt_dataset(n_md, seed=seed, sizes=(32,), frames_per_run=max(1, n_md // 8), sample_every=10,
-                            equilibration=40)
-    for f in frames:
-        f.info["test_kind"] = "md"
+
+def held_out_set(system: str, n_md: int, n_defect: int, seed: int) -> list[Atoms]:
+    """Held-out frames: EMT MD (300-1500 K) + strained and vacancy cells (see module docstring)."""
     rng = np.random.default_rng(seed)
     per_run = 3
-    for run in range(max(1, n_defect // (2 * per_run))):
+    if system == "cu":
+        from alflow.datasets import cu_emt_dataset
+
+        frames = cu_emt_dataset(n_md, seed=seed, sizes=(32,), frames_per_run=max(1, n_md // 8), sample_every=10,
+                                equilibration=40)
+        for f in frames:
+            f.info["test_kind"] = "md"
+    else:  # independent MD of fresh random alloys at each test composition, some strained
+        frames = []
+        n_runs = max(len(TEST_COMPOSITIONS), n_md // 8)
+        per_md = max(1, n_md // n_runs)
+        for run in range(n_runs):
+            cell = alloy_cell(TEST_COMPOSITIONS[run % len(TEST_COMPOSITIONS)], rng)
+            if run % 2:
+                _strain(cell, rng, 0.02)
+            frames += _md_frames(cell, rng, float(rng.uniform(300.0, 1500.0)), per_md, "md")
+
+    def fresh() -> Atoms:
+        if system == "cu":
+            return bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(2)
+        return alloy_cell(float(rng.choice(TEST_COMPOSITIONS)), rng)
+
+    for _ in range(max(1, n_defect // (2 * per_run))):
         temperature = float(rng.uniform(300.0, 1500.0))
-        strained = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(2)
-        eps = rng.uniform(-0.04, 0.04, size=(3, 3))
-        strained.set_cell(strained.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+        strained = _strain(fresh(), rng)
         strained.rattle(0.05, seed=int(rng.integers(2**31)))
         frames += _md_frames(strained, rng, temperature, per_run, "strained")
-        vacancy = bulk("Cu", "fcc", a=A_CU, cubic=True).repeat(2)
+        vacancy = fresh()
         del vacancy[int(rng.integers(len(vacancy)))]
         vacancy.rattle(0.05, seed=int(rng.integers(2**31)))
         frames += _md_frames(vacancy, rng, temperature, per_run, "vacancy")
@@ -167,47 +254,135 @@ def labels_to_reach(rows: list[dict[str, Any]], target: float) -> int | None:
     return next((r["labels"] for r in rows if r["forces_rmse"] <= target), None)
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], targets: list[float], path: Path) -> None:
+# ---- result files and the aggregate (pure: no training, no torch) ----
+
+def result_path(results: Path, system: str, strategy: str, seed: int) -> Path:
+    return results / f"{system}_{strategy}_seed{seed}.json"
+
+
+def load_results(results: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """{system: {strategy: {seed: record}}} from the ``<system>_<strategy>_seed<k>.json`` files in ``results``."""
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for path in sorted(results.glob("*_seed*.json")):
+        record = json.loads(path.read_text())
+        for key in ("system", "strategy", "seed", "curve"):
+            if key not in record:
+                raise ValueError(f"{path}: expected a result with key {key!r} (system, strategy, seed, curve)")
+        out.setdefault(record["system"], {}).setdefault(record["strategy"], {})[int(record["seed"])] = record
+    return out
+
+
+def aggregate(curves: list[list[dict[str, Any]]], target: float) -> dict[str, Any]:
+    """Labels to reach ``target`` over seeds: mean, min, max over the seeds that reached it, reached, n."""
+    reached = [x for x in (labels_to_reach(c, target) for c in curves) if x is not None]
+    if not reached:
+        return {"mean": None, "min": None, "max": None, "reached": 0, "n": len(curves)}
+    return {"mean": float(np.mean(reached)), "min": min(reached), "max": max(reached), "reached": len(reached),
+            "n": len(curves)}
+
+
+def _cell(a: dict[str, Any]) -> str:
+    if a["n"] == 0:
+        return "—"
+    if a["mean"] is None:
+        return f"not reached (0/{a['n']})"
+    return f"{a['mean']:.0f} ± [{a['min']}–{a['max']}] ({a['reached']}/{a['n']} reached)"
+
+
+def _ratio(num: dict[str, Any], den: dict[str, Any]) -> str:
+    if num["mean"] is None or den["mean"] is None:
+        return "—"
+    return f"{num['mean'] / den['mean']:.2f}"
+
+
+def table(system: str, runs: dict[str, dict[int, dict[str, Any]]], targets: list[float]) -> str:
+    """Markdown: per target, labels to reach it per strategy (mean ± [min–max], k/n reached) and the ratios."""
+    names = [s for s in STRATEGIES if s in runs]
+    lines = [f"**{system}** — labels to reach a held-out force RMSE <= target (eV/Å); mean ± [min–max] over the "
+             "seeds that reached it",
+             "", "| target (eV/Å) | " + " | ".join(names) + " | random / committee | random / shallow |",
+             "|---:|" + "---:|" * (len(names) + 2)]
+    for target in sorted(targets, reverse=True):
+        agg = {s: aggregate([r["curve"] for _, r in sorted(runs.get(s, {}).items())], target) for s in STRATEGIES}
+        lines.append(f"| {target:g} | " + " | ".join(_cell(agg[s]) for s in names)
+                     + f" | {_ratio(agg['random'], agg['committee'])} | {_ratio(agg['random'], agg['shallow'])} |")
+    lines.append("")
+    for s in names:
+        best = [min(r["curve"], key=lambda x: x["forces_rmse"]) for r in runs[s].values() if r["curve"]]
+        secs = [r.get("seconds", float("nan")) for r in runs[s].values()]
+        if best:
+            lines.append(f"- {s}: seeds {sorted(runs[s])}, best force RMSE "
+                         + ", ".join(f"{b['forces_rmse']:.4f} at {b['labels']}" for b in best)
+                         + f" labels; run time {np.nanmean(secs):.0f} s mean")
+    return "\n".join(lines)
+
+
+def plot(system: str, runs: dict[str, dict[int, dict[str, Any]]], targets: list[float], path: Path) -> None:
+    """Mean force RMSE per strategy vs labels with a min–max band over seeds (on the labels all seeds have)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 4.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for strategy, rows in curves.items():
-        ax.plot([r["labels"] for r in rows], [r["forces_rmse"] for r in rows], "o-", label=strategy)
-    for target, style in zip(targets, ("--", ":", "-.")):
+    for strategy in [s for s in STRATEGIES if s in runs]:
+        curves = [r["curve"] for r in runs[strategy].values() if r["curve"]]
+        grid = np.array(sorted({x["labels"] for c in curves for x in c}), dtype=float)
+        grid = grid[grid <= min(max(x["labels"] for x in c) for c in curves)]
+        ys = np.array([np.interp(grid, [x["labels"] for x in c], [x["forces_rmse"] for x in c]) for c in curves])
+        line, = ax.plot(grid, ys.mean(axis=0), "-", label=f"{strategy} ({len(curves)} seeds)")
+        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+    for target, style in zip(targets, ("--", ":", "-.", (0, (1, 3)), (0, (5, 5)))):
         ax.axhline(target, color="grey", ls=style, lw=1, label=f"{target:g} eV/Å")
     ax.set_xlabel("labelled frames (EMT)")
     ax.set_ylabel("test force RMSE (eV/Å)")
     ax.set_yscale("log")
-    ax.set_title("Cu/EMT: committee vs random selection")
-    ax.legend()
+    ax.set_title(f"{'Cu' if system == 'cu' else 'CuNi'}/EMT: committee, shallow and random selection")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~5 min per strategy and seed on 2 cores: a smoke run of the whole pipeline
+    "quick": dict(iterations=4, per_iteration=6, initial=6, epochs=25, committee=3, features=16, steps=90,
+                  test_md=32, test_defects=12),
+    # one strategy × one seed × one system in ~15-20 min on one core (measured, see the module docstring)
+    "session": dict(iterations=SESSION_ITERATIONS, per_iteration=8, initial=8, epochs=60, committee=4, features=32,
+                    steps=300, pool="production", test_md=120, test_defects=36),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments; ``--preset``/``--quick`` set the defaults, so explicit options still override them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small budget (~5 min on 2 cores): overrides the sizes below")
+    p.add_argument("--system", default=None, choices=SYSTEMS,
+                   help="cu: fcc Cu; cuni: random fcc CuNi alloys (default cu; --table-only: both)")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS), help="sizes (see PRESETS); options override")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
     p.add_argument("--iterations", type=int, default=8, help="loop iterations per strategy")
     p.add_argument("--per-iteration", type=int, default=10, help="label budget per iteration (frames)")
     p.add_argument("--initial", type=int, default=10, help="rattled frames labelled before iteration 0")
     p.add_argument("--epochs", type=int, default=60, help="training epochs per iteration (warm start)")
-    p.add_argument("--committee", type=int, default=4, help="committee size")
+    p.add_argument("--committee", type=int, default=4, help="committee size (full committees)")
     p.add_argument("--features", type=int, default=32, help="SchNet features and filters")
     p.add_argument("--steps", type=int, default=300, help="MD steps per walker and iteration")
+    p.add_argument("--engine", default="batched", choices=("batched", "ase"), help="exploration engine")
     p.add_argument("--lower", type=float, default=0.05, help="committee trust level (eV/Å)")
     p.add_argument("--test-md", type=int, default=120, help="held-out EMT MD frames")
     p.add_argument("--test-defects", type=int, default=36, help="held-out strained + vacancy frames")
-    p.add_argument("--target", type=float, default=0.05, help="target test force RMSE (eV/Å), the issue's")
-    p.add_argument("--also-targets", type=float, nargs="*", default=[0.02, 0.015, 0.012, 0.01],
-                   help="further targets reported in the labels-to-reach table (eV/Å)")
-    p.add_argument("--seed", type=int, default=0, help="seed of both runs (the test set uses seed + 7919)")
+    p.add_argument("--target", type=float, default=None, help="a target test force RMSE (eV/Å)")
+    p.add_argument("--also-targets", type=float, nargs="*", default=None,
+                   help="further targets (eV/Å); without --target/--also-targets: TARGETS[system]")
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="run seeds (the test set does not depend on them)")
     p.add_argument("--out", type=Path, default=Path("runs/active_vs_random"), help="run directories")
-    p.add_argument("--plot", type=Path, default=None, help="PNG of force RMSE vs labels")
-    p.add_argument("--plot-targets", type=float, nargs="*", default=[], help="more horizontal lines (eV/Å)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run result JSONs")
+    p.add_argument("--rerun", action="store_true", help="run and evaluate even where a result JSON exists")
+    p.add_argument("--table-only", action="store_true", help="print the table(s) from the result JSONs alone")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of force RMSE vs labels ({system} is replaced)")
+    p.add_argument("--plot-targets", type=float, nargs="*", default=None, help="horizontal lines (eV/Å)")
     p.add_argument("--pool", default="production", choices=("production", "balanced"),
                    help="explored conditions per iteration (see pool_walkers)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
@@ -216,63 +391,94 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate the finished iterations of the runs in --out without running the loop")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    first, _ = p.parse_known_args(argv)
+    preset = "quick" if first.quick else first.preset
+    if preset is not None:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    if args.quick:
-        args.iterations, args.per_iteration, args.initial, args.epochs = 4, 6, 6, 25
-        args.committee, args.features, args.steps, args.test_md, args.test_defects = 3, 16, 90, 32, 12
+    args.preset = preset
+    args.systems = [args.system] if args.system else list(SYSTEMS)  # the tables to print
+    args.system = args.system or "cu"
+    return args
 
-    import torch
 
+def targets_of(args: argparse.Namespace, system: str) -> list[float]:
+    given = [t for t in [args.target, *(args.also_targets or [])] if t is not None]
+    return sorted(set(given or TARGETS[system]), reverse=True)
+
+
+def report(args: argparse.Namespace, systems: list[str]) -> None:
+    """The markdown table (and plot) per system from the result JSONs."""
+    results = load_results(args.results)
+    for system in systems:
+        if system not in results:
+            print(f"{system}: no results in {args.results}")
+            continue
+        print("\n" + table(system, results[system], targets_of(args, system)))
+        if args.plot is not None:
+            path = args.plot
+            if "{system}" in str(path):
+                path = Path(str(path).replace("{system}", system))
+            elif len(systems) > 1:
+                path = path.with_name(f"{path.stem}_{system}{path.suffix}")
+            plot(system, results[system], args.plot_targets or targets_of(args, system)[:3], path)
+            print(f"plot: {path}")
+
+
+def run_one(args: argparse.Namespace, strategy: str, seed: int, test: list[Atoms]) -> dict[str, Any]:
+    """Run (or resume) one strategy and seed, evaluate every iteration; the result record."""
     from alflow.config import config_from_dict
     from alflow.loop import run_loop
 
+    run_dir = args.out.resolve() / args.system / strategy / f"seed{seed}"
+    t1 = time.perf_counter()
+    summary: dict[str, Any] = {}
+    if not args.evaluate_only:
+        config = config_from_dict(copy.deepcopy(base_config(args, args.system, strategy, seed, run_dir)))
+        summary = dict(run_loop(config, force=True, say=lambda s: None))
+        print(f"{args.system}/{strategy}/seed{seed}: {summary['iterations']} iterations, {summary['labels']} labels, "
+              f"stop {summary['status']} ({time.perf_counter() - t1:.0f} s)", flush=True)
+    from alflow.loop import read_state
+
+    state = read_state(run_dir)  # the run's compute time over every session: the sum of its stages' seconds
+    seconds = sum(float(r.get("seconds", 0.0)) for r in state["stages"].values())
+    curve = evaluate_run(run_dir, test, args.device)
+    return {"system": args.system, "strategy": strategy, "seed": seed, "status": state.get("status"),
+            "seconds": round(seconds, 1), "run_dir": str(run_dir), "curve": curve,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table_only:
+        report(args, args.systems)
+        return 0
+
+    import torch
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    test = held_out_set(args.test_md, args.test_defects, args.seed + 7919)
-    kinds = {k: sum(f.info["test_kind"] == k for f in test) for k in ("md", "strained", "vacancy")}
-    print(f"test set: {len(test)} EMT frames {kinds} ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for strategy in args.strategies:
-        t1 = time.perf_counter()
-        run_dir = args.out.resolve() / strategy
-        if not args.evaluate_only:
-            config = config_from_dict(copy.deepcopy(base_config(args, strategy, run_dir)))
-            summary = run_loop(config, force=True, say=lambda s: None)
-            print(f"{strategy}: {summary['iterations']} iterations, {summary['labels']} labels, stop "
-                  f"{summary['status']} ({time.perf_counter() - t1:.0f} s)", flush=True)
-        curves[strategy] = evaluate_run(run_dir, test, args.device)
-
-    names = list(curves)
-    print("\ntest force RMSE (eV/Å) and energy MAE (meV/atom) vs labelled frames")
-    print(f"{'iter':>4} | " + " | ".join(f"{n + ' labels':>16} {'F RMSE':>8} {'E MAE':>7}" for n in names))
-    for i in range(max(len(r) for r in curves.values())):
-        cells = []
-        for name in names:
-            rows = curves[name]
-            cells.append(f"{rows[i]['labels']:>16} {rows[i]['forces_rmse']:>8.4f} {rows[i]['energy_mae_meV']:>7.2f}"
-                         if i < len(rows) else " " * 33)
-        print(f"{i:>4} | " + " | ".join(cells))
-    targets = sorted({args.target, *args.also_targets}, reverse=True)
-    print("\nlabels to reach a test force RMSE <= target (eV/Å):")
-    print("| target (eV/Å) | " + " | ".join(names) + (" | random / committee |" if len(names) == 2 else " |"))
-    print("|---:|" + "---:|" * (len(names) + (len(names) == 2)))
-    for target in targets:
-        reached = {n: labels_to_reach(curves[n], target) for n in names}
-        cells = [str(reached[n]) if reached[n] is not None else "not reached" for n in names]
-        if len(names) == 2:
-            c, r = reached.get("committee"), reached.get("random")
-            cells.append(f"{r / c:.2f}" if c and r else ("> " + f"{max(x['labels'] for x in curves['random']) / c:.2f}"
-                                                         if c and r is None else "—"))
-        print(f"| {target:g} | " + " | ".join(cells) + " |")
-    for name in names:
-        best = min(curves[name], key=lambda r: r["forces_rmse"])
-        print(f"  {name}: best {best['forces_rmse']:.4f} eV/Å at {best['labels']} labels")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "curves.json").write_text(json.dumps({"target": args.target, "curves": curves}, indent=1))
-    if args.plot is not None:
-        plot(curves, [args.target, *args.plot_targets], args.plot)
-        print(f"plot: {args.plot}")
+    todo = [(s, k) for s in args.strategies for k in args.seeds
+            if args.rerun or not result_path(args.results, args.system, s, k).exists()]
+    skipped = len(args.strategies) * len(args.seeds) - len(todo)
+    if skipped:
+        print(f"{skipped} run(s) skipped: their results exist in {args.results} (--rerun to redo)")
+    if todo:
+        test = held_out_set(args.system, args.test_md, args.test_defects, 7919)
+        kinds = {k: sum(f.info["test_kind"] == k for f in test) for k in ("md", "strained", "vacancy")}
+        print(f"test set ({args.system}): {len(test)} EMT frames {kinds} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    for strategy, seed in todo:
+        record = run_one(args, strategy, seed, test)
+        for r in record["curve"]:
+            print(f"  {r['iteration']:>3} {r['labels']:>5} labels  F RMSE {r['forces_rmse']:.4f} eV/Å  "
+                  f"E MAE {r['energy_mae_meV']:.2f} meV/atom")
+        if record["status"] in ("converged", "max_iterations", "max_labels"):  # a stopped run, not an interrupted one
+            args.results.mkdir(parents=True, exist_ok=True)
+            path = result_path(args.results, args.system, strategy, seed)
+            path.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"result: {path}", flush=True)
+    report(args, [args.system])
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
