@@ -1,0 +1,106 @@
+"""benchmarks/active_vs_random.py, its pure parts: the CuNi alloy generator, the aggregate over seeds, the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from alflow.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("active_vs_random_benchmark",
+                                                  ROOT / "benchmarks" / "active_vs_random.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alloy_cell_composition_seeded_periodic(bench) -> None:
+    a = bench.alloy_cell(0.5, np.random.default_rng(3))
+    assert len(a) == 32 and a.pbc.all()
+    assert a.get_chemical_formula() == "Cu16Ni16"
+    assert np.allclose(np.diag(a.cell.array), 2 * (3.61 + 3.52) / 2)  # Vegard at x = 0.5, cubic 2x2x2
+    same = bench.alloy_cell(0.5, np.random.default_rng(3))
+    other = bench.alloy_cell(0.5, np.random.default_rng(4))
+    assert (same.numbers == a.numbers).all()
+    assert (other.numbers != a.numbers).any()  # composition disorder: the sites differ with the seed
+    assert bench.alloy_cell(0.25, np.random.default_rng(0)).get_chemical_formula() == "Cu24Ni8"
+    assert bench.alloy_cell(0.75, np.random.default_rng(0)).get_chemical_formula() == "Cu8Ni24"
+    # a real EMT cell: periodic images seen (the relaxed lattice has no net force, only small alloy forces)
+    a.calc = EMT()
+    assert np.isfinite(a.get_potential_energy())
+    with pytest.raises(InputError, match="x_ni"):
+        bench.alloy_cell(1.5, np.random.default_rng(0))
+
+
+def test_start_alloys_are_the_loops_structures(bench, tmp_path: Path) -> None:
+    from alflow.config import config_from_dict
+    from alflow.explore.runner import system_structures, walker_starts
+
+    args = bench.parse_args(["--quick", "--system", "cuni"])
+    config = config_from_dict(bench.base_config(args, "cuni", "shallow", 1, tmp_path / "run"))
+    assert config.committee.kind == "shallow" and config.committee.heads == 4
+    assert config.selection.strategy == "committee" and config.exploration.engine == "batched"
+    structures = system_structures(config.system)
+    assert len(structures) == bench.N_START_ALLOYS
+    assert [s.get_chemical_formula() for s in structures] == ["Cu16Ni16", "Cu20Ni12", "Cu12Ni20", "Cu16Ni16"]
+    assert len({tuple(s.numbers) for s in structures}) == bench.N_START_ALLOYS
+    starts = walker_starts(config, structures)
+    assert sorted({len(atoms) for _, atoms, _, _ in starts}) == [31, 32]  # the vacancy walker works on an alloy
+    random = config_from_dict(bench.base_config(args, "cuni", "random", 1, tmp_path / "r"))
+    assert random.selection.strategy == "random" and random.committee.kind == "full"
+
+
+def _record(system: str, strategy: str, seed: int, rmse: list[float], step: int = 10) -> dict:
+    curve = [{"iteration": i, "labels": step * (i + 1), "forces_rmse": r, "energy_mae_meV": 1.0}
+             for i, r in enumerate(rmse)]
+    return {"system": system, "strategy": strategy, "seed": seed, "status": "max_iterations", "seconds": 60.0,
+            "curve": curve, "args": {}}
+
+
+def test_aggregate_mean_spread_and_reached(bench) -> None:
+    curves = [_record("cu", "committee", k, r)["curve"]
+              for k, r in enumerate([[0.1, 0.04, 0.02], [0.1, 0.06, 0.03], [0.2, 0.1, 0.09]])]
+    agg = bench.aggregate(curves, 0.05)
+    assert agg == {"mean": 25.0, "min": 20, "max": 30, "reached": 2, "n": 3}
+    assert bench.aggregate(curves, 0.01) == {"mean": None, "min": None, "max": None, "reached": 0, "n": 3}
+    assert bench.aggregate(curves, 0.5)["mean"] == 10.0
+
+
+def test_table_only_from_result_files(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for k in range(3):
+        for strategy, rmse in (("committee", [0.1, 0.04, 0.02]), ("shallow", [0.1, 0.08, 0.04]),
+                               ("random", [0.1, 0.09, 0.06, 0.04])):
+            path = tmp_path / f"cuni_{strategy}_seed{k}.json"
+            path.write_text(json.dumps(_record("cuni", strategy, k, rmse, step=10 + k)))
+    assert bench.main(["--table-only", "--system", "cuni", "--results", str(tmp_path), "--target", "0.05",
+                       "--also-targets", "0.03", "--plot", str(tmp_path / "curve.png")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 0.05 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # committee reaches 0.05 at iteration 1 (labels 20, 22, 24), shallow at 2 (30, 33, 36), random at 3 (40, 44, 48)
+    assert cells[1] == "22 ± [20–24] (3/3 reached)"
+    assert cells[2] == "33 ± [30–36] (3/3 reached)"
+    assert cells[3] == "44 ± [40–48] (3/3 reached)"
+    assert cells[4] == f"{44 / 22:.2f}" and cells[5] == f"{44 / 33:.2f}"
+    row = next(line for line in out.splitlines() if line.startswith("| 0.03 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["33 ± [30–36] (3/3 reached)", "not reached (0/3)", "not reached (0/3)"]
+    assert cells[4:] == [f"> {48 / 33:.2f}", "—"]  # random's most labels (48) / committee's mean
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cu_random_seed0.json").write_text(json.dumps({"system": "cu"}))
+    with pytest.raises(InputError, match="strategy"):
+        bench.main(["--table-only", "--results", str(bad)])
