@@ -108,13 +108,16 @@ def run_isolated(atoms: Atoms, labelling: Any, md: dict[str, Any], taskdir: Path
     from alflow.fileio import atomic_write_text
     from alflow.label import _worker_env
 
+    from alflow.label import WORKER_PYTHONPATH, _attempt_parameters
+
     taskdir.mkdir(parents=True, exist_ok=True)
     (taskdir / FRAMES).unlink(missing_ok=True)
-    task = {"oracle": labelling.oracle, "parameters": labelling.parameters, "kpoint_density": labelling.kpoint_density,
+    parameters = _attempt_parameters(labelling, 0)  # with labelling.mpi_command's launcher, as a label gets it
+    pythonpath = parameters.pop(WORKER_PYTHONPATH, None) or []
+    task = {"oracle": labelling.oracle, "parameters": parameters, "kpoint_density": labelling.kpoint_density,
             "md": md, "atoms": {"numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
                                 "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist()}}
     atomic_write_text(taskdir / TASK, json.dumps(task, default=str), mode=0o600)
-    pythonpath = (labelling.parameters or {}).get("worker_pythonpath", ())
     env = _worker_env(int(labelling.threads or 1), [pythonpath] if isinstance(pythonpath, str) else list(pythonpath))
     with open(taskdir / LOG, "w") as log:
         proc = process.start(process.python_module("alflow.gate_md", str(taskdir / TASK)), cwd=taskdir, env=env,
