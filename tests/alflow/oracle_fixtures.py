@@ -29,7 +29,7 @@ class _EMT(Calculator):
         from ase.calculators.emt import EMT
 
         emt = EMT()
-        emt.calculate(self.atoms, list(properties), system_changes)
+        emt.calculate(self.atoms, list(properties), all_changes)  # a fresh EMT: always from scratch (MD too)
         self.results = dict(emt.results)
 
 

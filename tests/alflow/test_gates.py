@@ -265,3 +265,26 @@ def test_rdf_gate_in_the_loop_pays_the_oracle_md_once(tmp_path):
     stored = [a for a in Dataset(run_dir / "dataset", create=False).frames() if a.info.get("origin") == "gate:rdf"]
     assert len(stored) == 3 and all(a.info["labeller"] == "emt" and "REF_stress" in a.info for a in stored)
     assert rows[-1]["labels_total"] == summary["labels"] and rows[0]["gate_labels"] == 3
+
+
+def test_a_killed_oracle_md_keeps_its_sampled_frames_and_fails_the_rdf_gate(tmp_path):
+    """The oracle's MD hits the gate's timeout: the frames it sampled are labels in the dataset, the gate fails."""
+    from pathlib import Path
+
+    from ase.calculators.emt import EMT as ModelStandIn
+
+    from alflow.stages import _rdf_gate
+
+    fixtures = str(Path(__file__).resolve().parent)
+    # 0.02 s per oracle call, a sample every 10 steps: 80 s in all, killed after 10 s (the worker starts in 1-5 s)
+    rdf = {"temperature": 300.0, "equilibration": 0, "steps": 4000, "samples": 400, "rmax": 3.0, "bins": 30,
+           "timeout_s": 10.0}
+    cfg = config_from_dict(tiny_config(tmp_path / "run", loop={"gates": {"rdf": rdf}}, labelling={
+        "oracle": "oracle_fixtures:SleepyEMT", "parameters": {"delay": 0.02, "worker_pythonpath": fixtures}}))
+    ds = Dataset(tmp_path / "dataset")
+    result, used, new = _rdf_gate(cfg, cfg.loop.gates.rdf, ds, tmp_path / "gate", 0, ModelStandIn())
+    assert not result.passed and "timed out after 10 s" in result.message, result.message
+    stored = [a for a in ds.frames() if a.info.get("origin") == "gate:rdf"]
+    assert 0 < len(stored) == new < 400 and used == 0  # kept, but not enough for the gate
+    assert all(a.info["labeller"] == "oracle_fixtures:SleepyEMT" and np.isfinite(a.arrays["REF_forces"]).all()
+               for a in stored)
