@@ -707,6 +707,7 @@ class ExecutionConfig(_Model):
         description="task_runner=dask: worker resources each stage needs, e.g. {train: {GPU: 1}, explore: {GPU: 1}} "
                     "sends training and exploration to workers started with `--resources GPU=1`.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device; auto uses CUDA when present.")
+    torch_threads: Bounded(1024, kind=int) | None = Field(None, ge=1, description="Torch CPU threads of every stage (torch.set_num_threads); null: torch's default (one per core). 1 is faster for small models on a busy machine.")
     prefect_home: FilePath | None = Field(None, description="PREFECT_HOME directory; null keeps Prefect's default.")
 
     @property

@@ -44,6 +44,10 @@ def compute_stage(run_dir: str | os.PathLike, stage: str, iteration: int | None,
     if stage in ("train", "explore", "select"):  # redone from scratch; label/initial resume their labels
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    if config.execution.torch_threads is not None:  # process-wide: every stage of this run asks the same
+        import torch
+
+        torch.set_num_threads(config.execution.torch_threads)
     t0 = time.perf_counter()
     fn = {"initial": _initial, "train": _train, "gate": _gate, "explore": _explore, "select": _select,
           "label": _label}[stage]

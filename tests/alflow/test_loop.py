@@ -183,3 +183,23 @@ def test_convergence_and_stop_reasons():
     assert stop_reason([row(8, 0.5)], loop, 99) is None
     assert stop_reason([row(9, 0.5)], loop, 99) == "max_iterations"
     assert stop_reason([row(0, 0.5)], LoopConfig(max_iterations=1), 0) == "max_iterations"
+
+
+def test_execution_torch_threads_sets_the_threads_of_every_stage(tmp_path):
+    import torch
+    import yaml
+
+    from alflow.config import config_from_dict
+    from alflow.stages import compute_stage
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = config_from_dict(tiny_config(run_dir, execution={"torch_threads": 1}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = compute_stage(run_dir, "initial", None, {})
+        assert torch.get_num_threads() == 1 and out["n_labelled"] == 4
+    finally:
+        torch.set_num_threads(before)
