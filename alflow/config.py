@@ -570,6 +570,7 @@ class GatesConfig(_Model):
     elastic: ElasticGateConfig | None = Field(None, description="Elastic constants vs the oracle.")
     phonons: PhononGateConfig | None = Field(None, description="Phonon frequencies vs the oracle (phonopy).")
     rdf: RDFGateConfig | None = Field(None, description="Radial distribution function of an MD run vs the oracle's.")
+    refine: Bounded(100_000, kind=int) = Field(4, ge=0, description="Frames near each failing gate's structures (rattled copies; the committee's MD frames for rdf) offered to the oracle when the explored candidates leave room in the iteration's label budget; 0: off.")
 
     def configured(self) -> dict[str, Any]:
         """name -> config of every gate that is set, in the gate table's order."""

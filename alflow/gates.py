@@ -316,6 +316,34 @@ def rdf_compare(spec: Any, model: dict[str, Any], reference: dict[str, Any]) -> 
     return _result("rdf", errors, tols, model, reference)
 
 
+# ----------------------------------------------------------------------------------------- refinement
+
+
+def refinement_frames(name: str, spec: Any, atoms: Atoms, n: int, seed: int, rattle: float = 0.03) -> list[Atoms]:
+    """``n`` unlabelled frames near a failing gate's structures, for the oracle (``loop.gates.refine``).
+
+    Structure gates (eos, elastic, phonons): copies of randomly chosen gate structures with a random
+    isotropic strain of up to half the spacing of the EOS points (eos only) and Gaussian displacements
+    of ``rattle`` Å, so the next training sees the neighbourhood of the gate's structures, not only the
+    structures themselves. The rdf gate's frames are the committee's own MD frames (``_rdf_gate``).
+    """
+    if n <= 0 or name == "rdf":
+        return []
+    rng = np.random.default_rng(seed)
+    base = structures(name, spec, atoms)
+    s = _spec(spec)
+    step = 2.0 * s["strain"] / max(s["points"] - 1, 1) if name == "eos" else 0.0
+    out = []
+    for i in rng.choice(len(base), size=n, replace=n > len(base)):
+        a = base[int(i)].copy()
+        a.calc = None
+        if step:
+            a.set_cell(np.asarray(a.cell) * (1.0 + rng.uniform(-step / 2, step / 2)), scale_atoms=True)
+        a.positions = a.positions + rng.normal(0.0, rattle, a.positions.shape)
+        out.append(a)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- the table
 
 

@@ -450,8 +450,10 @@ def drive(run: LoopRun, executor: Executor | None = None, say: Callable[[str], N
         if cfg.loop.max_labels is not None:
             budget = max(0, min(budget, cfg.loop.max_labels - labels_total))
         trajectories = [run.path(w.trajectory) for w in explore.walkers if w.frames > 0]
-        select = Selected.from_dict(
-            run.run_stage("select", i, {"trajectories": trajectories, "budget": budget}, executor))
+        refine = run.path(gate.refine) if gate is not None and gate.refine else None
+        select = Selected.from_dict(run.run_stage("select", i, {"trajectories": trajectories, "budget": budget,
+                                                                **({"gate_refine": refine} if refine else {})},
+                                                  executor))
         row = iteration_row(i, train, explore, select, None, labels_total, cfg.loop, gate)
         say(f"iteration {i}: {select.n_frames} frames explored ({dict(explore.statuses)}), accurate "
             f"{row['accurate_fraction']:.1%}, candidates {row['candidate_fraction']:.1%}, "

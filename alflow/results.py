@@ -133,6 +133,7 @@ class Gated(StageResult):
     n_labelled: int = 0  # new oracle labels in this stage (counted in the budget, kept in the dataset)
     n_failed: int = 0
     dataset_size: int = 0
+    refine: str | None = None  # extxyz of unlabelled frames near the failing gates' structures (loop.gates.refine)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Selected(StageResult):
     rejections: dict[str, int] = field(default_factory=dict)
     selected: str | None = None
     predictions: str | None = None
+    n_from_gates: int = 0  # of n_selected: frames near failing gates (loop.gates.refine)
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,7 @@ def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict
     from alflow import gates as G
     from alflow.calculator import AlflowCalculator
     from alflow.data import Dataset
-    from alflow.io import frame_hash
+    from alflow.io import frame_hash, write_extxyz_atomic
     from alflow.keys import FRAME_HASH, ITERATION, SOURCE
 
     ds = Dataset(run_dir / "dataset")
@@ -286,19 +286,35 @@ def _gate(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict
                                         message=f"{type(err).__name__}: {err}"[:500]))
     n_new = len(hashes & ds.hashes) - before
     n_frames, n_failed = len(hashes), counts["n_failed"]
+    n_refine = cfg.loop.gates.refine
+    refine = [f for r, (spec, atoms, _) in zip(results, todo.values()) if not r.passed
+              for f in G.refinement_frames(r.name, spec, atoms, n_refine, seed=cfg.seed + 7717 * (iteration + 1))]
     if "rdf" in specs:
-        result, stored, new = _rdf_gate(cfg, specs["rdf"], ds, out, iteration, calc)
+        result, stored, new, model_frames = _rdf_gate(cfg, specs["rdf"], ds, out, iteration, calc)
         results.append(result)
         n_frames, n_new, n_failed = n_frames + stored, n_new + new, n_failed + (0 if result.model or stored else 1)
+        if not result.passed and model_frames:  # the committee's own MD frames, evenly spaced
+            pick = np.linspace(0, len(model_frames) - 1, min(n_refine, len(model_frames))).round().astype(int)
+            refine += [model_frames[int(i)] for i in dict.fromkeys(pick.tolist())]
     for r in results:
         log.info("iteration %s: gate %s", iteration, r.describe())
     atomic_write_text(out / "gates.json", json_text([r.to_dict() for r in results]))
+    refine_file = None
+    if refine:
+        for a in refine:
+            a.calc = None
+            a.info = {SOURCE: "gate-refine", ITERATION: iteration}
+            for key in [k for k in a.arrays if k not in ("numbers", "positions")]:
+                del a.arrays[key]
+        write_extxyz_atomic(refine, out / "refine.extxyz")
+        refine_file = _rel(out / "refine.extxyz", run_dir)
     return Gated(gates=tuple(r.to_dict() for r in results), passed=all(r.passed for r in results),
-                 n_frames=n_frames, n_labelled=n_new, n_failed=n_failed, dataset_size=len(ds))
+                 n_frames=n_frames, n_labelled=n_new, n_failed=n_failed, dataset_size=len(ds), refine=refine_file)
 
 
-def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, calc: Any) -> tuple[Any, int, int]:
-    """The rdf gate (alflow.gates, alflow.gate_md): (GateResult, oracle frames it uses, new labels stored).
+def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, calc: Any) -> tuple[Any, int, int, list]:
+    """The rdf gate (alflow.gates, alflow.gate_md): (GateResult, oracle frames it uses, new labels stored,
+    the committee's sampled MD frames).
 
     The oracle's MD runs once: its sampled frames are stored in the dataset with ``gate_key`` (start
     structure, MD settings, oracle settings) and found there by later iterations. A failed or killed
@@ -340,14 +356,16 @@ def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, cal
     if failure or not mine:
         return (G.GateResult(name="rdf", passed=False, errors={}, tolerances={},
                              message=f"the oracle's MD did not finish: {failure}" if failure else "no oracle MD frames"),
-                len(mine), new)
+                len(mine), new, [])
+    model_frames: list = []
     try:
-        model = G.quantity("rdf", spec, start, sample(start, calc, md))
+        model_frames = sample(start, calc, md)
+        model = G.quantity("rdf", spec, start, model_frames)
         result = G.compare("rdf", spec, model, G.quantity("rdf", spec, start, mine))
     except (ValueError, RuntimeError) as err:  # e.g. the committee's MD exploded
         result = G.GateResult(name="rdf", passed=False, errors={}, tolerances={},
                               message=f"{type(err).__name__}: {err}"[:500])
-    return result, len(mine), new
+    return result, len(mine), new, model_frames
 
 
 def _explore(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: dict, progress: bool) -> Explored:
@@ -384,12 +402,16 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
             atoms.info[ITERATION] = iteration
         if cfg.committee.calibrate:
             _calibrate_frames(trajectory, run_dir / stage_key("train", iteration) / CALIBRATION_FILE)
-    selection = select_frames(trajectories, cfg.selection, Dataset(run_dir / "dataset"), seed=cfg.seed + iteration,
+    dataset = Dataset(run_dir / "dataset")
+    selection = select_frames(trajectories, cfg.selection, dataset, seed=cfg.seed + iteration,
                               budget=inputs["budget"])
     selected = predictions = None
     frames = [a for t in trajectories for a in t]
-    if selection.frames:
-        write_extxyz_atomic(selection.frames, out / "selected.extxyz")
+    room = max(0, int(inputs["budget"] if inputs.get("budget") is not None else cfg.selection.max_per_iteration)
+               - len(selection.frames))
+    from_gates = _gate_refinement(inputs.get("gate_refine"), dataset, room)
+    if selection.frames or from_gates:
+        write_extxyz_atomic([*selection.frames, *from_gates], out / "selected.extxyz")
         selected = _rel(out / "selected.extxyz", run_dir)
         # the committee's predictions for the selected frames (selected.extxyz carries none, so that no
         # prediction is ever read back as a label): the label stage measures the true errors with them
@@ -406,8 +428,22 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
     atomic_write_text(out / "summary.json", json_text(selection.summary))
     s = selection.summary
     return Selected(n_frames=s["n_frames"], n_accurate=s["n_accurate"], n_candidate=s["n_candidate"],
-                    n_failed=s["n_failed"], n_selected=s["n_selected"], adaptive=s["adaptive"], budget=s["budget"],
-                    rejections=dict(s["rejections"]), selected=selected, predictions=predictions)
+                    n_failed=s["n_failed"], n_selected=s["n_selected"] + len(from_gates), adaptive=s["adaptive"],
+                    budget=s["budget"], rejections=dict(s["rejections"]), selected=selected, predictions=predictions,
+                    n_from_gates=len(from_gates))
+
+
+def _gate_refinement(path: str | None, dataset: Any, room: int) -> list:
+    """Up to ``room`` frames of the gate stage's ``refine.extxyz`` (loop.gates.refine) not yet in ``dataset``."""
+    if not path or room <= 0 or not Path(path).is_file():
+        return []
+    from ase.io import read
+
+    from alflow.io import frame_hash
+
+    have = dataset.hashes
+    fresh = [a for a in read(path, index=":") if frame_hash(a) not in have]
+    return fresh[:room]
 
 
 def _rms(values: Any) -> float | None:

@@ -113,13 +113,14 @@ def test_gate_config_errors_name_the_field(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "phonopy" else real(name, *a))
     with pytest.raises(ConfigError, match=r"loop\.gates\.phonons.*phonopy"):
         config_from_dict(tiny_config("/tmp/x", loop={"gates": {"phonons": {}}}))
-    assert tuple(GatesConfig.model_fields) == gates.GATES  # one gate table
+    assert tuple(f for f in GatesConfig.model_fields if f != "refine") == gates.GATES  # one gate table
 
 
 def gated_config(run_dir, eos: dict, loop: dict | None = None) -> dict:
     """The tiny loop with every explored frame accurate (lower = 1000 eV/Å): only the gate decides the stop."""
     return tiny_config(run_dir, selection={"lower": 1000.0, "upper": 2000.0, "max_per_iteration": 2},
-                       loop={"max_iterations": 2, "convergence_fraction": 0.5, "gates": {"eos": eos}, **(loop or {})})
+                       loop={"max_iterations": 2, "convergence_fraction": 0.5, "gates": {"eos": eos, "refine": 0},
+                             **(loop or {})})
 
 
 def test_a_failing_gate_keeps_the_loop_going_and_its_labels_are_paid_once(tmp_path):
@@ -282,9 +283,53 @@ def test_a_killed_oracle_md_keeps_its_sampled_frames_and_fails_the_rdf_gate(tmp_
     cfg = config_from_dict(tiny_config(tmp_path / "run", loop={"gates": {"rdf": rdf}}, labelling={
         "oracle": "oracle_fixtures:SleepyEMT", "parameters": {"delay": 0.02, "worker_pythonpath": fixtures}}))
     ds = Dataset(tmp_path / "dataset")
-    result, used, new = _rdf_gate(cfg, cfg.loop.gates.rdf, ds, tmp_path / "gate", 0, ModelStandIn())
+    result, used, new, model_frames = _rdf_gate(cfg, cfg.loop.gates.rdf, ds, tmp_path / "gate", 0, ModelStandIn())
+    assert model_frames == []  # the committee's MD is not run without the oracle's
     assert not result.passed and "timed out after 10 s" in result.message, result.message
     stored = [a for a in ds.frames() if a.info.get("origin") == "gate:rdf"]
     assert 0 < len(stored) == new < 400 and used == 0  # kept, but not enough for the gate
     assert all(a.info["labeller"] == "oracle_fixtures:SleepyEMT" and np.isfinite(a.arrays["REF_forces"]).all()
                for a in stored)
+
+
+def test_a_failing_gate_offers_frames_near_its_structures_when_nothing_else_is_selected(tmp_path):
+    """Every explored frame trusted, the eos gate failing: its neighbourhood is labelled instead of nothing."""
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(gated_config(run_dir, None, loop={
+        "max_iterations": 2, "gates": {"eos": {"points": 5, "tol_volume": 1e-9, "tol_bulk_modulus": 1e-9},
+                                       "refine": 3}}))
+    summary = run_loop(cfg)
+    state = read_state(run_dir)
+    s0 = state["stages"]["iter_000/select"]["result"]
+    assert s0["n_from_gates"] == 2 == s0["n_selected"]  # 3 offered, the budget (max_per_iteration 2) takes 2
+    rows = read_metrics(run_dir)
+    assert rows[0]["labels_added"] == 2 and summary["labels"] == 4 + 5 + 2
+    stored = [a for a in Dataset(run_dir / "dataset", create=False).frames() if a.info.get("origin") == "gate-refine"]
+    assert len(stored) == 2
+    eos_volumes = {round(f.get_volume(), 6) for f in gates.structures("eos", cfg.loop.gates.eos,
+                                                                           gates_structure(cfg))}
+    # near the E-V points: volumes within half a point spacing (strain 0.04 over 5 points: +-1 % in length)
+    v = sorted(eos_volumes)
+    assert all(min(abs(a.get_volume() - x) for x in v) <= 0.031 * a.get_volume() for a in stored)
+    # iteration 1: the gate stage offers new frames (another seed), none of them stored yet
+    g1 = state["stages"]["iter_001/gate"]["result"]
+    assert g1["refine"] and g1["n_labelled"] == 0
+
+
+def gates_structure(cfg):
+    from alflow.stages import gate_structure
+
+    return gate_structure(cfg, cfg.loop.gates.eos)
+
+
+def test_refinement_frames_are_seeded_rattled_copies_and_rdf_offers_none():
+    a = gates.refinement_frames("eos", EOS, CU, 5, seed=1)
+    b = gates.refinement_frames("eos", EOS, CU, 5, seed=1)
+    assert len(a) == 5 and all(np.allclose(x.positions, y.positions) for x, y in zip(a, b))
+    assert not np.allclose(a[0].positions, gates.refinement_frames("eos", EOS, CU, 5, seed=2)[0].positions)
+    base = gates.structures("elastic", ELASTIC, CU)
+    for f in gates.refinement_frames("elastic", ELASTIC, CU, 4, seed=0):
+        assert any(np.allclose(f.cell, b.cell) for b in base)  # the cell of one of the 12 strained structures
+        disp = min(np.abs(f.positions - b.positions).max() for b in base if np.allclose(f.cell, b.cell))
+        assert 0 < disp < 0.2  # rattled, not rebuilt
+    assert gates.refinement_frames("rdf", {}, CU, 4, seed=0) == [] and gates.refinement_frames("eos", EOS, CU, 0, 0) == []
