@@ -783,7 +783,9 @@ class RunConfig(_Model):
         for w in self.exploration.walkers:
             counts[w.ensemble] = counts.get(w.ensemble, 0) + w.replicas
         walkers = ", ".join(f"{n}x {e}" for e, n in counts.items())
-        return (f"{self.name}: {self.potential.architecture} (cutoff {self.potential.cutoff:g} Å), "
+        model = (f"fine-tuned from {Path(self.potential.foundation).name}" if self.potential.foundation is not None
+                 else f"{self.potential.architecture} (cutoff {self.potential.cutoff:g} Å)")
+        return (f"{self.name}: {model}, "
                 f"committee of {self.committee.size}, {sum(counts.values())} walker(s) on {self.exploration.engine} "
                 f"({walkers}), oracle {self.labelling.oracle}, up to {self.loop.max_iterations} iterations")
 

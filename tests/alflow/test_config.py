@@ -296,3 +296,15 @@ def test_cli_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "schema.json"
     assert main(["schema", "--output", str(target)]) == 0
     assert json.loads(target.read_text()) == schema
+
+
+def test_summary_names_the_foundation_not_the_default_architecture(tmp_path):
+    from pathlib import Path
+
+    from alflow.config import config_from_dict
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = config_from_dict({"name": "f", "run_dir": str(tmp_path), "system": {"structures": [
+        str(root / "examples/foundation/cu3au.extxyz")]}, "potential": {
+        "foundation": str(root / "examples/foundation/standin_mace.pt")}, "labelling": {"oracle": "emt"}})
+    assert "fine-tuned from standin_mace.pt" in cfg.summary() and "schnet" not in cfg.summary()
