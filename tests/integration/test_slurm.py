@@ -180,6 +180,9 @@ def test_loop_iteration_runs_as_slurm_jobs_labels_on_cpu_jobs_training_on_gpu_jo
     assert "gpu pool prologue" in (slurm["logs"] / f"alflow-gpu-{gpu_job}.out").read_text()
 
 
+N_WALLTIME_FRAMES = 10
+
+
 def test_a_label_job_killed_at_its_walltime_loses_no_label(slurm, tmp_path, monkeypatch):
     """Slurm kills the job labelling frames (TIMEOUT); Dask resubmits the task to a new job (adaptive scaling);
     labels stored before the kill stay in the dataset and are not recomputed; every frame ends up labelled."""
@@ -195,13 +198,15 @@ def test_a_label_job_killed_at_its_walltime_loses_no_label(slurm, tmp_path, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     frames = []
-    for i in range(8):
+    for i in range(N_WALLTIME_FRAMES):
         atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)
         atoms.rattle(0.05, seed=i)
         frames.append(atoms)
-    # 8 frames x 10 s in one job of 1 minute: Slurm kills it (TIMEOUT) about halfway through
+    # 10 frames x 12 s in one job of 1 minute: Slurm kills it (TIMEOUT). Slurm enforces time limits in a
+    # periodic check (up to ~30 s late: a job of 8 x 10 s once finished at 83 s, before any kill), so the
+    # work must outlast the limit by more than that.
     labelling = LabellingConfig(oracle="oracle_fixtures:SleepyHarmonic", timeout_s=60,
-                                parameters={"delay": 10.0, "worker_pythonpath": str(ORACLE_FIXTURES)})
+                                parameters={"delay": 12.0, "worker_pythonpath": str(ORACLE_FIXTURES)})
     cluster = ClusterConfig(kind="slurm", log_directory=str(slurm["logs"]), adapt={"minimum_jobs": 0, "maximum_jobs": 1},
                             pools={"cpu": {"cores": 1, "memory": "2GB", "walltime": "00:01:00", "jobs": 1}})
     dataset, workdir = tmp_path / "dataset", tmp_path / "label"
@@ -211,14 +216,14 @@ def test_a_label_job_killed_at_its_walltime_loses_no_label(slurm, tmp_path, monk
                                max_workers=1, pure=False)
         result = future.result(timeout=600)
     ds = Dataset(dataset)
-    assert len(ds.hashes) == 8  # nothing lost
+    assert len(ds.hashes) == N_WALLTIME_FRAMES  # nothing lost
     jobs = parse_jobcomp(slurm["jobcomp"])
     mine = [j for j in jobs.values() if j["Name"] == "alflow-cpu" and j["TimeLimit"] == "1"]
     assert any(j["JobState"] == "TIMEOUT" for j in mine), mine  # Slurm did kill a labelling job
     # the labels stored before the kill were not computed again: each frame labelled exactly once
     done = [line for line in (workdir / LABELLED).read_text().splitlines() if line.strip()]
-    assert len(done) == 8, done
-    assert result.n_labelled + result.n_in_dataset == 8 and result.n_in_dataset >= 1, result
+    assert len(done) == N_WALLTIME_FRAMES, done
+    assert result.n_labelled + result.n_in_dataset == N_WALLTIME_FRAMES and result.n_in_dataset >= 1, result
 
 
 def test_labels_run_in_a_slurm_job_with_the_code_launched_as_a_job_step(slurm, tmp_path, monkeypatch):
