@@ -85,6 +85,13 @@ def standin_frames(n_per_system: int = 8, seed: int = 0) -> list:
     return frames
 
 
+def _split(frames: list, seed: int, one_in: int) -> tuple[list, list]:
+    """Seeded (train, valid) split of ``frames``: every ``one_in``-th frame (at least 2) for validation."""
+    order = np.random.default_rng(seed).permutation(len(frames))
+    n_valid = max(2, len(frames) // one_in)
+    return [frames[i] for i in order[n_valid:]], [frames[i] for i in order[:n_valid]]
+
+
 def build_standin(path: str | os.PathLike, *, epochs: int = 60, seed: int = 0, n_per_system: int = 8) -> Path:
     """Train the stand-in (one SchNet, ``HPARAMS``) on ``standin_frames`` and save it (alflow checkpoint)."""
     import torch
@@ -94,11 +101,7 @@ def build_standin(path: str | os.PathLike, *, epochs: int = 60, seed: int = 0, n
     from alflow.train import train_potential
 
     frames = standin_frames(n_per_system, seed)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(frames))
-    n_valid = max(2, len(frames) // 8)
-    valid = [frames[i] for i in order[:n_valid]]
-    train = [frames[i] for i in order[n_valid:]]
+    train, valid = _split(frames, seed, 8)
     torch.manual_seed(seed)
     model = potentials.build("schnet", [28, 29, 47, 79], CUTOFF, **HPARAMS)
     cfg = TrainingConfig(epochs=epochs, batch_size=4, lr=5e-3, patience=epochs, forces_weight=10.0)
@@ -187,11 +190,7 @@ def build_proof_standin(path: str | os.PathLike, *, epochs: int = 150, seed: int
     from alflow.train import train_potential
 
     frames = proof_frames(seed)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(frames))
-    n_valid = max(2, len(frames) // 10)
-    valid = [frames[i] for i in order[:n_valid]]
-    train = [frames[i] for i in order[n_valid:]]
+    train, valid = _split(frames, seed, 10)
     torch.manual_seed(seed)
     species = sorted({int(z) for a in frames for z in a.numbers})
     model = potentials.build("mace", species, CUTOFF, **PROOF_HPARAMS)
