@@ -87,14 +87,6 @@ def average_rdf(frames: list[Atoms], rmax: float, nbins: int) -> tuple[np.ndarra
     return np.asarray(r, float), np.mean(gs, axis=0)
 
 
-def md_supercell(atoms: Atoms, rmax: float) -> Atoms:
-    """``atoms`` repeated until every perpendicular cell width is > 2 rmax (what an RDF to ``rmax`` needs)."""
-    cell = atoms.cell
-    widths = cell.volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
-    reps = [int(np.floor(2 * rmax / w)) + 1 for w in widths]
-    return atoms.repeat(reps) if max(reps) > 1 else atoms.copy()
-
-
 # --------------------------------------------------------------------------- the isolated oracle run
 
 
@@ -106,9 +98,7 @@ def run_isolated(atoms: Atoms, labelling: Any, md: dict[str, Any], taskdir: Path
     """
     from alflow import process
     from alflow.fileio import atomic_write_text
-    from alflow.label import _worker_env
-
-    from alflow.label import WORKER_PYTHONPATH, _attempt_parameters
+    from alflow.label import WORKER_PYTHONPATH, _attempt_parameters, _worker_env
 
     taskdir.mkdir(parents=True, exist_ok=True)
     (taskdir / FRAMES).unlink(missing_ok=True)

@@ -287,9 +287,9 @@ def rdf_md(spec: Any) -> dict[str, Any]:
 
 
 def rdf_structures(atoms: Atoms, s: dict[str, Any]) -> list[Atoms]:
-    from alflow.gate_md import md_supercell
+    from alflow.explore.structures import expand_to_min_width
 
-    start = md_supercell(atoms, s["rmax"])
+    start = expand_to_min_width(atoms, 2.0 * s["rmax"])  # ase.geometry.rdf needs every width >= 2 rmax
     start.calc = None
     return [start]
 
@@ -306,9 +306,9 @@ def rdf_quantity(spec: Any, atoms: Atoms, frames: Sequence[Atoms]) -> dict[str, 
 
 def rdf_compare(spec: Any, model: dict[str, Any], reference: dict[str, Any]) -> GateResult:
     s = _spec(spec)
-    r, gm, gr = (np.asarray(model["r"], float), np.asarray(model["g"], float), np.asarray(reference["g"], float))
-    dr = float(r[1] - r[0]) if len(r) > 1 else 1.0
-    errors = {"rdf_l1_rel": float(np.abs(gm - gr).sum() * dr / max(gr.sum() * dr, 1e-12)),
+    gm, gr = np.asarray(model["g"], float), np.asarray(reference["g"], float)
+    # ∫|Δg| dr / ∫ g_oracle dr on the same equal-width bins: the bin width cancels
+    errors = {"rdf_l1_rel": float(np.abs(gm - gr).sum() / max(gr.sum(), 1e-12)),
               "first_peak_shift_a": abs(model["first_peak_r"] - reference["first_peak_r"])}
     tols = {"rdf_l1_rel": s["tol"]}
     if s.get("tol_peak") is not None:
@@ -327,6 +327,8 @@ def refinement_frames(name: str, spec: Any, atoms: Atoms, n: int, seed: int, rat
     of ``rattle`` Å, so the next training sees the neighbourhood of the gate's structures, not only the
     structures themselves. The rdf gate's frames are the committee's own MD frames (``_rdf_gate``).
     """
+    from alflow.explore.structures import rattled, strained
+
     if n <= 0 or name == "rdf":
         return []
     rng = np.random.default_rng(seed)
@@ -335,11 +337,9 @@ def refinement_frames(name: str, spec: Any, atoms: Atoms, n: int, seed: int, rat
     step = 2.0 * s["strain"] / max(s["points"] - 1, 1) if name == "eos" else 0.0
     out = []
     for i in rng.choice(len(base), size=n, replace=n > len(base)):
-        a = base[int(i)].copy()
+        a = strained(base[int(i)], rng.uniform(-step / 2, step / 2)) if step else base[int(i)]
+        a = rattled(a, rattle, rng)
         a.calc = None
-        if step:
-            a.set_cell(np.asarray(a.cell) * (1.0 + rng.uniform(-step / 2, step / 2)), scale_atoms=True)
-        a.positions = a.positions + rng.normal(0.0, rattle, a.positions.shape)
         out.append(a)
     return out
 

@@ -331,7 +331,8 @@ def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, cal
     start = G.structures("rdf", spec, gate_structure(cfg, spec))[0]
     md = G.rdf_md(spec)
     lab = cfg.labelling
-    key = oracle_key(lab.oracle, redact(lab.parameters), lab.kpoint_density, extra=["rdf", frame_hash(start), md])
+    settings = (lab.oracle, redact(lab.parameters), lab.kpoint_density)
+    key = oracle_key(*settings, extra=["rdf", frame_hash(start), md])
     mine = [a for a in ds.frames() if a.info.get("gate_key") == key]
     new = 0
     failure = ""
@@ -346,8 +347,7 @@ def _rdf_gate(cfg: RunConfig, spec: Any, ds: Any, out: Path, iteration: int, cal
             frames = list(read(partial, index=":")) if partial.is_file() and partial.stat().st_size else []
         for a in frames:
             a.info.update({"gate_key": key, "origin": "gate:rdf", ITERATION: iteration, LABELLER: lab.oracle,
-                           SOURCE: source_of(lab.oracle), "oracle_key": oracle_key(lab.oracle, redact(lab.parameters),
-                                                                                    lab.kpoint_density)})
+                           SOURCE: source_of(lab.oracle), "oracle_key": oracle_key(*settings)})
         before = len(ds)
         if frames:
             ds.append(frames)
@@ -407,8 +407,7 @@ def _select(cfg: RunConfig, run_dir: Path, out: Path, iteration: int, inputs: di
                               budget=inputs["budget"])
     selected = predictions = None
     frames = [a for t in trajectories for a in t]
-    room = max(0, int(inputs["budget"] if inputs.get("budget") is not None else cfg.selection.max_per_iteration)
-               - len(selection.frames))
+    room = max(0, selection.summary["budget"] - len(selection.frames))  # the budget select_frames applied
     from_gates = _gate_refinement(inputs.get("gate_refine"), dataset, room)
     if selection.frames or from_gates:
         write_extxyz_atomic([*selection.frames, *from_gates], out / "selected.extxyz")
