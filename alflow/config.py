@@ -393,7 +393,8 @@ class SelectionConfig(_Model):
     energy_upper: float | None = Field(None, gt=0, description="Optional energy deviation upper level (eV/atom).")
     adaptive_fraction: float | None = Field(
         None, gt=0, le=1,
-        description="When no frame is above lower: take the most uncertain ceil(f * n) of the n frames as candidates.")
+        description="When fewer frames than the budget are above lower: top the candidates up with the most uncertain "
+                    "frames to ceil(f * n) of the n non-failed frames. null: only frames above lower.")
     max_per_iteration: int = Field(20, ge=1, description="At most this many frames labelled per iteration.")
     max_per_walker: int | None = Field(None, ge=1, description="At most this many frames from one walker per iteration.")
     min_stride: int = Field(1, ge=1, description="Minimum distance between selected frames of one trajectory (frames).")

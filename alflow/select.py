@@ -13,9 +13,11 @@ Strategy "committee" (SelectionConfig), in this order:
    when set) a frame is accurate (dev < lower), candidate (lower <= dev < upper)
    or failed (dev >= upper, or NaN). Failed by any criterion -> failed (never
    selected: keeps exploded frames out); candidate by any -> candidate.
-2. Adaptive lower level (``adaptive_fraction``): when no frame is a candidate,
-   the most uncertain ``ceil(adaptive_fraction * n)`` of the n non-failed frames
-   become candidates.
+2. Adaptive lower level (``adaptive_fraction``): when fewer frames are candidates
+   than the budget, the pool is topped up with the most uncertain accurate frames
+   until it holds ``ceil(adaptive_fraction * n)`` of the n non-failed frames (or
+   every candidate, if more): a fixed label budget keeps buying the frames the
+   committee is least sure of instead of stopping at the trust level.
 3. Frames already in the dataset (same content hash) are dropped; physical
    filters reject (with the reason): minimum interatomic distance
    (max of ``min_interatomic_distance`` and ``covalent_fraction`` x the sum of
@@ -322,13 +324,18 @@ def select_frames(
     if cfg.strategy == "committee":
         pool = [k for k, c in enumerate(classes) if c == CANDIDATE]
         adaptive = False
-        if not pool and cfg.adaptive_fraction is not None:
-            ok = [k for k, c in enumerate(classes) if c != FAILED]
-            n_take = math.ceil(cfg.adaptive_fraction * len(ok))
-            pool = sorted(ok, key=lambda k: -scores[k])[:n_take]
-            adaptive = bool(pool)
+        if len(pool) < budget and cfg.adaptive_fraction is not None:
+            # top up: the most uncertain accurate frames join the (too few) candidates
+            accurate = [k for k, c in enumerate(classes) if c == ACCURATE]
+            n_take = math.ceil(cfg.adaptive_fraction * (len(accurate) + len(pool)))
+            extra = sorted(accurate, key=lambda k: -scores[k])[:max(0, n_take - len(pool))]
+            adaptive_from = set(extra)
+            pool = pool + extra
+            adaptive = bool(extra)
     else:
         pool, adaptive = list(range(len(items))), False
+    if not adaptive:
+        adaptive_from = set()
 
     kept, seen = [], set(ds_hashes)
     n_duplicate = 0
@@ -396,7 +403,8 @@ def select_frames(
             if key in out.arrays:
                 del out.arrays[key]
         if cfg.strategy == "committee":
-            head = "adaptive: no candidates, among the most uncertain non-failed frames" if adaptive else "candidate"
+            head = ("adaptive: fewer candidates than the budget, among the most uncertain non-failed frames"
+                    if adaptive and k in adaptive_from else "candidate")
             out.info[SELECTION_REASON] = f"{head}; {texts[k]}; {how[k]}"
             out.info[SELECTION_SCORE] = float(scores[k])
         else:

@@ -151,7 +151,8 @@ def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int,
                      "valid_fraction": 0.15, "warm_start": True, "max_time_s": 600},
         "exploration": {"engine": args.engine, "walkers": walkers, "uncertain_patience": 10_000},
         "selection": {"strategy": "random" if strategy == "random" else "committee", "lower": args.lower,
-                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": "fps"},
+                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": "fps",
+                      "adaptive_fraction": args.adaptive},
         "labelling": {"oracle": "emt", "timeout_s": 60},
         # a fixed number of iterations: convergence only when every explored frame is trusted
         "loop": {"max_iterations": args.iterations, "convergence_fraction": 1.0, "convergence_patience": 100},
@@ -373,7 +374,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_md=32, test_defects=12),
     # one strategy × one seed × one system in ~15-20 min on one core (measured, see the module docstring)
     "session": dict(iterations=SESSION_ITERATIONS, per_iteration=8, initial=8, epochs=60, committee=4, features=32,
-                    steps=300, pool="production", test_md=120, test_defects=36),
+                    steps=300, pool="production", test_md=120, test_defects=36, adaptive=0.1),
 }
 
 
@@ -393,6 +394,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="MD steps per walker and iteration")
     p.add_argument("--engine", default="batched", choices=("batched", "ase"), help="exploration engine")
     p.add_argument("--lower", type=float, default=0.05, help="committee trust level (eV/Å)")
+    p.add_argument("--adaptive", type=float, default=None,
+                   help="selection.adaptive_fraction: top too few candidates up with the most uncertain frames "
+                        "(the session preset: 0.1; random ignores it)")
     p.add_argument("--test-md", type=int, default=120, help="held-out EMT MD frames")
     p.add_argument("--test-defects", type=int, default=36, help="held-out strained + vacancy frames")
     p.add_argument("--target", type=float, default=None, help="a target test force RMSE (eV/Å)")

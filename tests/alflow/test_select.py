@@ -70,6 +70,20 @@ def test_adaptive_lower_level_takes_the_most_uncertain_fraction():
     assert sel.summary["adaptive"] and sel.frames[0].info[SELECTION_REASON].startswith("adaptive")
 
 
+def test_adaptive_level_tops_up_too_few_candidates_to_the_budget():
+    devs = [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.03, 0.04, 0.2, 5.0]  # one candidate (0.2), one failed
+    frames = [frame(d, step=i, seed=i) for i, d in enumerate(devs)]
+    assert selected_devs(select_frames(frames, cfg(diversity="none", max_per_iteration=3))) == [0.2]
+    sel = select_frames(frames, cfg(diversity="none", max_per_iteration=3, adaptive_fraction=0.3))
+    # ceil(0.3 * 9 non-failed) = 3: the candidate and the two most uncertain accurate frames; never the failed one
+    assert selected_devs(sel) == [0.2, 0.04, 0.03]
+    reasons = [a.info[SELECTION_REASON] for a in sel.frames]
+    assert reasons[0].startswith("candidate") and all(r.startswith("adaptive") for r in reasons[1:])
+    # enough candidates for the budget: no top-up
+    full = select_frames(frames, cfg(diversity="none", max_per_iteration=1, adaptive_fraction=0.3))
+    assert selected_devs(full) == [0.2] and not full.summary["adaptive"]
+
+
 def test_top_k_with_caps_per_iteration_and_per_walker():
     frames = [frame(0.1 + 0.01 * i, walker=0, step=i, seed=i) for i in range(10)]
     frames += [frame(0.1 + 0.001 * i, walker=1, step=i, seed=100 + i) for i in range(10)]
