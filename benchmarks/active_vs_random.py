@@ -58,6 +58,7 @@ Units: eV/Å, meV/atom, K, fs, s.
 from __future__ import annotations
 
 import argparse
+import math
 import copy
 import json
 import time
@@ -317,9 +318,45 @@ def _ratio(num: dict[str, Any], den: dict[str, Any], num_labels: int | None) -> 
     return f"{num['mean'] / den['mean']:.2f}"
 
 
+def tightest_random_target(runs: dict[str, dict[int, dict[str, Any]]]) -> float | None:
+    """The tightest force RMSE (eV/Å, rounded up to 1e-4) that random selection reaches on every seed, or None."""
+    bests = [min(x["forces_rmse"] for x in r["curve"]) for r in runs.get("random", {}).values() if r["curve"]]
+    return math.ceil(max(bests) * 1e4 - 1e-9) / 1e4 if bests else None
+
+
+def verdict(runs: dict[str, dict[int, dict[str, Any]]], targets: list[float]) -> list[str]:
+    """The issue's two checks, per selecting strategy: labels at random's tightest target (ratio >= 2 wanted) and,
+    at every looser target, the strategy's mean within random's seed spread (mean <= random's max)."""
+    tight = tightest_random_target(runs)
+    if tight is None or "random" not in runs:
+        return []
+    curves = {s: [r["curve"] for _, r in sorted(runs.get(s, {}).items())] for s in STRATEGIES}
+    rand = aggregate(curves["random"], tight)
+    lines = [f"Random reaches {tight:g} eV/Å on every seed ({_cell(rand)})."]
+    for s in ("committee", "shallow"):
+        if not curves[s]:
+            continue
+        a = aggregate(curves[s], tight)
+        if a["mean"] is None:
+            lines.append(f"- {s}: does not reach {tight:g} on any seed.")
+            continue
+        looser = [t for t in targets if t > tight]
+        worse = [t for t in looser if (x := aggregate(curves[s], t))["mean"] is not None
+                 and (y := aggregate(curves["random"], t))["mean"] is not None and x["mean"] > y["max"]]
+        lines.append(f"- {s}: {_cell(a)} at {tight:g} eV/Å: random / {s} = {rand['mean'] / a['mean']:.2f} "
+                     f"(target >= 2: {'met' if rand['mean'] / a['mean'] >= 2 and a['reached'] == a['n'] else 'not met'}); "
+                     + (f"more labels than random's worst seed at {', '.join(f'{t:g}' for t in worse)}" if worse else
+                        f"never more labels than random's worst seed at the looser targets ({', '.join(f'{t:g}' for t in looser)})"))
+    return lines
+
+
 def table(system: str, runs: dict[str, dict[int, dict[str, Any]]], targets: list[float]) -> str:
-    """Markdown: per target, labels to reach it per strategy (mean ± [min–max], k/n reached) and the ratios."""
+    """Markdown: per target, labels to reach it per strategy (mean ± [min–max], k/n reached) and the ratios;
+    random's tightest every-seed target is added as a row, and the verdict follows the table."""
     names = [s for s in STRATEGIES if s in runs]
+    tight = tightest_random_target(runs)
+    if tight is not None:
+        targets = sorted(set(targets) | {tight}, reverse=True)
     lines = [f"**{system}** — labels to reach a held-out force RMSE <= target (eV/Å); mean ± [min–max] over the "
              "seeds that reached it",
              "", "| target (eV/Å) | " + " | ".join(names) + " | random / committee | random / shallow |",
@@ -338,6 +375,9 @@ def table(system: str, runs: dict[str, dict[int, dict[str, Any]]], targets: list
             lines.append(f"- {s}: seeds {sorted(runs[s])}, best force RMSE "
                          + ", ".join(f"{b['forces_rmse']:.4f} at {b['labels']}" for b in best)
                          + f" labels; run time {np.nanmean(secs):.0f} s mean")
+    verdict_lines = verdict(runs, targets)
+    if verdict_lines:
+        lines += ["", *verdict_lines]
     return "\n".join(lines)
 
 

@@ -104,3 +104,23 @@ def test_table_only_from_result_files(bench, tmp_path: Path, capsys: pytest.Capt
     (bad / "cu_random_seed0.json").write_text(json.dumps({"system": "cu"}))
     with pytest.raises(InputError, match="strategy"):
         bench.main(["--table-only", "--results", str(bad)])
+
+
+def test_verdict_at_randoms_tightest_target_and_looser_ones(bench) -> None:
+    def runs(committee: list[list[float]]) -> dict:
+        out = {"random": {k: _record("cu", "random", k, r) for k, r in enumerate([[0.1, 0.05, 0.03, 0.021],
+                                                                                  [0.1, 0.07, 0.04, 0.02491]])},
+               "committee": {k: _record("cu", "committee", k, r) for k, r in enumerate(committee)}}
+        return out
+
+    assert bench.tightest_random_target(runs([[0.1]])) == 0.025  # the worse random seed's best, rounded up
+    good = runs([[0.1, 0.02], [0.1, 0.024]])
+    lines = bench.verdict(good, [0.05, 0.03])
+    assert lines[0].startswith("Random reaches 0.025 eV/Å on every seed (40 ± [40–40] (2/2 reached))")
+    assert "random / committee = 2.00 (target >= 2: met)" in lines[1] and "never more labels" in lines[1]
+    # a committee that needs more labels than random's worst seed at a looser target, and misses a seed
+    bad = runs([[0.1, 0.09, 0.08, 0.02], [0.2, 0.2, 0.2, 0.2]])
+    line = bench.verdict(bad, [0.05, 0.03])[1]
+    assert "(1/2 reached)" in line and "target >= 2: not met" in line
+    assert "more labels than random's worst seed at 0.05" in line and "0.05, 0.03" not in line  # 40 > 30, 40 = 40
+    assert "| 0.025 |" in bench.table("cu", good, [0.05])
