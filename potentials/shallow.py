@@ -18,6 +18,9 @@ Forces, ``forces`` (``ShallowCommittee.forces_mode``):
   through the trunk's backward at once), on the CPU from K backward passes over one forward pass
   (measured faster there: SchNet, 108/864 atoms, 1 thread: 2.3×/3.0× one model vs 4.2×/6.8× batched). ``forces_comm`` (K, N, 3) are the heads' forces, the mean
   force is their mean, and the scores are the Committee's (DP-GEN's eps_i) unchanged.
+  ``forward(..., spread=False)`` skips the K passes: mean forces at the cost of one model, NaN
+  deviations; the batched MD engine uses it on the steps that record no frame, so exploration
+  pays for the spread only where it is read.
 * ``"mean"``: one backward pass of the mean energy only (the cost of one model). The mean
   force is exact; ``forces_comm`` holds K copies of it, and the force deviation is the
   per-atom ENERGY spread: eps_i = α · std_k(E_i^k) / (1 Å), in eV/Å only after calibration
@@ -46,6 +49,9 @@ from potentials.base import Potential, strained_geometry
 from potentials.committee import FORCE_DEVIATION, Committee
 
 FORCES_MODES = ("heads", "mean")
+#: ``forward(..., spread=False)`` gives the mean forces at the cost of one model (deviations NaN): the batched
+#: MD engine asks for the heads' spread only on steps that record a frame (alflow.explore.batched).
+SPARSE_SPREAD = True
 
 
 def readout_name(model: Potential) -> str:
@@ -93,6 +99,7 @@ class ShallowCommittee(nn.Module):
     """One trunk, K heads at the readout (module docstring); α calibrates the spread."""
 
     committee_kind: str = "shallow"  # alflow.train.train_committee dispatches on it
+    sparse_spread: bool = SPARSE_SPREAD  # forward(spread=False): alflow.explore.batched reads it
 
     def __init__(self, model: Potential, k: int, *, seed: int = 0, alpha: float = 1.0, init: str = "random",
                  forces_mode: str = "heads") -> None:
@@ -228,8 +235,13 @@ class ShallowCommittee(nn.Module):
         stress: bool = False,
         create_graph: bool | None = None,
         calibrated: bool = True,
+        spread: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Means, heads' predictions and scores, as ``Committee.forward`` (module docstring for ``forces_mode``)."""
+        """Means, heads' predictions and scores, as ``Committee.forward`` (module docstring for ``forces_mode``).
+
+        ``spread=False`` (``forces_mode: heads``): the mean forces from one backward pass (the cost of one
+        model) and NaN force deviations, for MD steps whose deviation nobody reads (``SPARSE_SPREAD``).
+        """
         create_graph = self.training if create_graph is None else bool(create_graph)
         alpha = self.alpha if calibrated else torch.ones_like(self.alpha)
         with torch.enable_grad() if (forces or stress) else contextlib.nullcontext():
@@ -237,7 +249,7 @@ class ShallowCommittee(nn.Module):
             inputs = ([leaf] if forces or stress else []) + ([displacement] if stress else [])
             if not inputs:
                 return Committee._scores(batch, energies, nodes, None, None, alpha)
-            if self.forces_mode == "heads":
+            if self.forces_mode == "heads" and spread:
                 grads = self._head_grads(energies, inputs, create_graph)
                 grad_r = grads[0]
                 grad_eps = grads[1] if stress else None
@@ -250,6 +262,8 @@ class ShallowCommittee(nn.Module):
         if forces:
             a = alpha.to(nodes.dtype)
             eps = a * nodes.std(0, correction=0)  # per-atom energy spread, eV (per Å after calibration)
+            if self.forces_mode == "heads":  # spread=False: the heads' force spread was not computed
+                eps = torch.full_like(eps, math.nan)
             mean_forces = -g[0]
             max_eps = torch.zeros(energies.shape[1], dtype=eps.dtype, device=eps.device).scatter_reduce(
                 0, batch[keys.BATCH], eps, reduce="amax", include_self=True)

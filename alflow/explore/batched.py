@@ -102,6 +102,11 @@ class ForceCall:
         self.stress = stress
         self.model_dtype = _model_dtype(model)
         self.calls = 0
+        # a provider that can skip its committee spread (a shallow committee's K backward passes) is asked
+        # for it only when ``want_spread`` (the engine sets it for steps that record a frame)
+        self.sparse = bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
+        self.want_spread = True
+        self.spread_calls = 0
 
     def batch(self, state: MDState) -> dict[str, torch.Tensor]:
         """The model's input batch for ``state`` (pairs within the cutoff); also sets ``self.pair_min``."""
@@ -142,8 +147,10 @@ class ForceCall:
 
     def __call__(self, state: MDState) -> MDState:
         batch = self.batch(state)
-        out = self.model(batch, forces=True, stress=self.stress)
+        spread = self.want_spread or not self.sparse
+        out = self.model(batch, forces=True, stress=self.stress, **({} if spread else {"spread": False}))
         self.calls += 1
+        self.spread_calls += int(spread)
         dtype = state.dtype
         energy = out[keys.ENERGY].detach().to(dtype)
         forces = out[keys.FORCES].detach().to(dtype)
@@ -209,7 +216,10 @@ def update_monitor(state: MDState, mon: Monitor, upper: float, patience: int, mi
     code = torch.where(~torch.isfinite(state.max_abs_force), STOP_NONFINITE,
                        torch.where(state.max_abs_force > max_force, STOP_FORCE,
                                    torch.where(state.min_distance < min_distance, STOP_CLOSE, RUNNING)))
-    above = torch.where(running & (code == RUNNING), torch.where(dev > upper, mon.above + 1, 0), mon.above)
+    # dev is NaN on steps without a spread (a shallow committee between frames): a run above ``upper`` at the
+    # last look counts on, as if it stayed there, until the next look says otherwise
+    seen = torch.where(torch.isfinite(dev), (dev > upper).to(mon.above.dtype), (mon.above > 0).to(mon.above.dtype))
+    above = torch.where(running & (code == RUNNING), torch.where(seen > 0, mon.above + 1, 0), mon.above)
     code = torch.where((code == RUNNING) & (above >= patience), STOP_UNCERTAIN, code)
     newly = running & (code != RUNNING)
     worst = torch.where(running & torch.isfinite(dev), torch.maximum(mon.worst, dev), mon.worst)
@@ -402,6 +412,7 @@ def run_batched(
             if not walkers:
                 continue
             assert state is not None and mon is not None
+            force_call.want_spread = any(_records(w, w.step + 1) for w in walkers)
             try:
                 stepped = integrators.step(state, force_call, present)
             except Exception as exc:  # noqa: BLE001 - find the walker(s) that fail alone; the others go on
@@ -424,6 +435,11 @@ def run_batched(
     ordered = [results[i] for i in range(len(specs))]
     write_results(out_dir, ordered)
     return ordered
+
+
+def _records(walker: _Walker, step: int) -> bool:
+    """Whether ``walker`` writes a frame after ``step`` (its stride, or its last step)."""
+    return step % walker.spec.stride == 0 or step >= walker.spec.steps
 
 
 def _error(exc: BaseException) -> str:

@@ -170,3 +170,58 @@ def test_batched_engine_runs_a_shallow_committee(tmp_path):
     assert [r.status for r in results] == [DONE, DONE]
     frames = read(results[0].trajectory, ":")
     assert len(frames) == 3 and all(f.info[keys.MAX_FORCE_DEVIATION] > 0 for f in frames)
+
+
+def test_spread_false_gives_the_mean_forces_and_no_deviation(three_structures):
+    """heads mode with spread=False: the same energies, mean forces and stress, NaN force deviations."""
+    sc = ShallowCommittee(build_small("schnet"), 3, seed=2).eval()
+    batch = atoms_to_batch(three_structures, sc.cutoff, dtype=torch.float64)
+    full = sc(batch, forces=True, stress=True)
+    cheap = sc(batch, forces=True, stress=True, spread=False)
+    for key in (keys.ENERGIES, keys.FORCES, keys.STRESS, keys.ENERGY_DEVIATION_PER_ATOM):
+        close(cheap[key].detach().numpy(), full[key].detach().numpy(), 1e-10)
+    assert torch.isnan(cheap[keys.MAX_FORCE_DEVIATION]).all() and torch.isnan(cheap["force_deviation"]).all()
+    assert torch.isfinite(full[keys.MAX_FORCE_DEVIATION]).all() and full[keys.MAX_FORCE_DEVIATION].max() > 0
+
+
+def test_batched_engine_asks_for_the_spread_only_on_recorded_steps(tmp_path):
+    """Sparse spread in the batched engine: the trajectories and every recorded deviation equal an every-step
+    run's, with the heads' K backward passes on 1 step in 5 (+ the start) instead of every step."""
+    from ase.build import bulk
+    from ase.io import read
+
+    from alflow.explore import batched
+    from alflow.explore.ase_md import WalkerSpec
+
+    sc = ShallowCommittee.build("schnet", 3, ["Cu"], 4.0, seed=0, n_atom_basis=16, n_filters=16, n_interactions=2,
+                                n_rbf=8).double().eval()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=1)
+    specs = [WalkerSpec(atoms=atoms, steps=20, stride=5, seed=s, name=f"w{s}") for s in range(2)]
+    calls = []
+    original = batched.ForceCall.__call__
+
+    def counting(self, state):
+        out = original(self, state)
+        calls.append(self.want_spread or not self.sparse)
+        return out
+
+    batched.ForceCall.__call__ = counting
+    try:
+        sparse = batched.run_batched(specs, sc, tmp_path / "sparse", upper=1e3, progress=False, device="cpu")
+        n_sparse = (sum(calls), len(calls))
+        calls.clear()
+        sc.sparse_spread = False  # the instance opts out: every step pays for the spread
+        dense = batched.run_batched(specs, sc, tmp_path / "dense", upper=1e3, progress=False, device="cpu")
+        n_dense = (sum(calls), len(calls))
+    finally:
+        batched.ForceCall.__call__ = original
+        del sc.sparse_spread
+    assert n_dense == (21, 21) and n_sparse == (5, 21)  # start + steps 5, 10, 15, 20
+    for a, b in zip(sparse, dense):
+        fa, fb = read(a.trajectory, ":"), read(b.trajectory, ":")
+        assert len(fa) == len(fb) == 5
+        for x, y in zip(fa, fb):
+            np.testing.assert_allclose(x.positions, y.positions, atol=1e-10)
+            assert x.info[keys.MAX_FORCE_DEVIATION] == pytest.approx(y.info[keys.MAX_FORCE_DEVIATION], rel=1e-8)
+            assert np.isfinite(x.info[keys.MAX_FORCE_DEVIATION])
