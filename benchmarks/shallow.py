@@ -2,6 +2,7 @@
 
     python benchmarks/shallow.py cost [--archs schnet painn] [--sizes 108 2048] [--repeats 3] [--threads 1]
     python benchmarks/shallow.py heads [--archs schnet painn] [--sizes 108 2048]
+    python benchmarks/shallow.py md [--archs schnet painn] [--sizes 32 108] [--walkers 8] [--steps 100] [--stride 20]
     python benchmarks/shallow.py calibration [--arch schnet] [--epochs 30] [--nll-epochs 20] [--seed 0]
 
 ``cost``: energy + forces of rattled fcc Cu (a = 3.61 Å, cutoff 5 Å, float32, default
@@ -9,6 +10,12 @@ hyperparameters, K = 4), graph built once outside the timings; variants interlea
 round, best of ``--repeats`` rounds (each ≥ 0.3 s), as multiples of one model: the shallow
 committee with ``forces_mode`` ``mean`` (one backward pass) and ``heads`` (every head's forces,
 one batched VJP), and the full committee's CPU path (K sequential members).
+
+``md``: what exploration pays: the batched MD engine over ``--walkers`` rattled Cu cells at 600 K,
+a frame every ``--stride`` steps, per variant as multiples of one model's MD (interleaved rounds,
+best of ``--repeats``): the shallow committee in ``heads`` mode as the engine runs it (the heads'
+spread only on steps that record a frame), the same with the spread on every step, ``mean`` mode,
+and a full committee of K.
 
 ``heads``: what the ``mean`` mode adds to one model, measured alone (less exposed to load than
 the whole-model ratios): K heads vs one readout, forward + backward on the features.
@@ -80,6 +87,45 @@ def cost(archs: list[str], sizes: list[int], repeats: int) -> None:
             t1 = best["one"]
             print(f"| {arch} | {len(atoms)} | {t1 * 1e3:.1f} | {best['mean'] / t1:.2f}× | {best['heads'] / t1:.2f}× "
                   f"| {best['full'] / t1:.2f}× |", flush=True)
+
+
+def md_cost(archs: list[str], sizes: list[int], walkers: int, steps: int, stride: int, repeats: int,
+            device: str) -> None:
+    """Batched Langevin MD (``alflow.explore.batched.run_batched``, 600 K, 2 fs, ``walkers`` rattled Cu cells of
+    ``size`` atoms, a frame every ``stride`` steps): wall time per variant as multiples of one model's MD."""
+    import tempfile
+
+    from alflow.explore.ase_md import WalkerSpec
+    from alflow.explore.batched import run_batched
+
+    print(f"| arch | atoms × walkers | steps (stride) | one model (s) | shallow heads, spread on frames | "
+          f"shallow heads, every step | shallow mean | full committee |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for arch in archs:
+        for size in sizes:
+            reps = round((size / 4) ** (1 / 3))
+            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+            atoms.rattle(0.05, seed=0)
+            specs = [WalkerSpec(atoms=atoms, ensemble="nvt-langevin", temperature=600.0, timestep=2.0, steps=steps,
+                                stride=stride, seed=k, name=f"w{k}") for k in range(walkers)]
+            torch.manual_seed(0)
+            one = registry.build(arch, ["Cu"], CUTOFF).eval()
+            sparse = ShallowCommittee(registry.build(arch, ["Cu"], CUTOFF), K, forces_mode="heads").eval()
+            dense = ShallowCommittee(registry.build(arch, ["Cu"], CUTOFF), K, forces_mode="heads").eval()
+            dense.sparse_spread = False  # this instance pays for the heads' spread on every step
+            mean = ShallowCommittee(registry.build(arch, ["Cu"], CUTOFF), K, forces_mode="mean").eval()
+            full = Committee([registry.build(arch, ["Cu"], CUTOFF) for _ in range(K)]).eval()
+            variants = {"one": one, "sparse": sparse, "dense": dense, "mean": mean, "full": full}
+            best = {k: float("inf") for k in variants}
+            with tempfile.TemporaryDirectory() as tmp:
+                for r in range(repeats):
+                    for name, model in variants.items():
+                        t0 = time.perf_counter()
+                        run_batched(specs, model, f"{tmp}/{name}{r}", upper=1e6, progress=False, device=device)
+                        best[name] = min(best[name], time.perf_counter() - t0)
+            t1 = best["one"]
+            print(f"| {arch} | {len(atoms)} × {walkers} | {steps} ({stride}) | {t1:.2f} | {best['sparse'] / t1:.2f}× | "
+                  f"{best['dense'] / t1:.2f}× | {best['mean'] / t1:.2f}× | {best['full'] / t1:.2f}× |", flush=True)
 
 
 def heads_overhead(archs: list[str], sizes: list[int]) -> None:
@@ -211,6 +257,15 @@ def main() -> None:
     h.add_argument("--archs", nargs="+", default=["schnet", "painn"])
     h.add_argument("--sizes", nargs="+", type=int, default=[108, 2048])
     h.add_argument("--threads", type=int, default=1)
+    m = sub.add_parser("md")
+    m.add_argument("--archs", nargs="+", default=["schnet", "painn"])
+    m.add_argument("--sizes", nargs="+", type=int, default=[32, 108])
+    m.add_argument("--walkers", type=int, default=8)
+    m.add_argument("--steps", type=int, default=100)
+    m.add_argument("--stride", type=int, default=20)
+    m.add_argument("--repeats", type=int, default=2)
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--threads", type=int, default=1)
     k = sub.add_parser("calibration")
     k.add_argument("--arch", default="schnet")
     k.add_argument("--epochs", type=int, default=30)
@@ -226,6 +281,9 @@ def main() -> None:
           f"threads {args.threads}, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.what == "cost":
         cost(args.archs, args.sizes, args.repeats)
+        return
+    if args.what == "md":
+        md_cost(args.archs, args.sizes, args.walkers, args.steps, args.stride, args.repeats, args.device)
         return
     if args.what == "heads":
         heads_overhead(args.archs, args.sizes)
