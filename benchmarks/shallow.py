@@ -64,14 +64,19 @@ def _timed(fn: Callable[[], object], min_time: float = 0.3) -> float:
             return (time.perf_counter() - start) / n
 
 
+def rattled_cu(size: int):
+    """A cubic fcc Cu supercell of about ``size`` atoms (a = 3.61 Å), rattled by 0.05 Å."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(round((size / 4) ** (1 / 3)))
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
 def cost(archs: list[str], sizes: list[int], repeats: int) -> None:
     print(f"| arch | atoms | one model (ms) | shallow mean | shallow heads | full committee (loop) |")
     print("|---|---:|---:|---:|---:|---:|")
     for arch in archs:
         for size in sizes:
-            reps = round((size / 4) ** (1 / 3))
-            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
-            atoms.rattle(0.05, seed=0)
+            atoms = rattled_cu(size)
             batch = atoms_to_batch(atoms, CUTOFF)
             torch.manual_seed(0)
             one = registry.build(arch, ["Cu"], CUTOFF).eval()
@@ -103,9 +108,7 @@ def md_cost(archs: list[str], sizes: list[int], walkers: int, steps: int, stride
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for arch in archs:
         for size in sizes:
-            reps = round((size / 4) ** (1 / 3))
-            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
-            atoms.rattle(0.05, seed=0)
+            atoms = rattled_cu(size)
             specs = [WalkerSpec(atoms=atoms, ensemble="nvt-langevin", temperature=600.0, timestep=2.0, steps=steps,
                                 stride=stride, seed=k, name=f"w{k}") for k in range(walkers)]
             torch.manual_seed(0)
@@ -135,9 +138,7 @@ def heads_overhead(archs: list[str], sizes: list[int]) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for arch in archs:
         for size in sizes:
-            reps = round((size / 4) ** (1 / 3))
-            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
-            atoms.rattle(0.05, seed=0)
+            atoms = rattled_cu(size)
             batch = atoms_to_batch(atoms, CUTOFF)
             torch.manual_seed(0)
             one = registry.build(arch, ["Cu"], CUTOFF).eval()
