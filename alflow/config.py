@@ -233,7 +233,7 @@ class CommitteeConfig(_Model):
     heads: Bounded(256, kind=int) = Field(4, ge=2, description="Number of heads of a shallow committee.")
     shallow_forces: Literal["heads", "mean"] = Field(
         "heads", description="Shallow committee forces: every head's exact forces (K backward passes on the CPU, one batched on "
-        "accelerators), or the "
+        "accelerators; the batched MD engine asks for them only on steps that record a frame), or the "
         "mean head's only with the per-atom energy spread as force deviation (the cost of one model).")
     bootstrap: bool = Field(False, description="Train each member on a bootstrap resample of the training set.")
     calibrate: bool = Field(True, description="Rescale the committee spread on the validation set (uncertainty calibration).")
