@@ -414,7 +414,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_md=32, test_defects=12),
     # one strategy × one seed × one system in ~15-20 min on one core (measured, see the module docstring)
     "session": dict(iterations=SESSION_ITERATIONS, per_iteration=8, initial=8, epochs=60, committee=4, features=32,
-                    steps=300, pool="production", test_md=120, test_defects=36, adaptive=0.1),
+                    steps=300, pool="production", test_md=120, test_defects=36),
 }
 
 
@@ -436,7 +436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lower", type=float, default=0.05, help="committee trust level (eV/Å)")
     p.add_argument("--adaptive", type=float, default=None,
                    help="selection.adaptive_fraction: top too few candidates up with the most uncertain frames "
-                        "(the session preset: 0.1; random ignores it)")
+                        "(default none; 0.1 measured: more labels to every target, docs/benchmarks.md; random ignores it)")
     p.add_argument("--test-md", type=int, default=120, help="held-out EMT MD frames")
     p.add_argument("--test-defects", type=int, default=36, help="held-out strained + vacancy frames")
     p.add_argument("--target", type=float, default=None, help="a target test force RMSE (eV/Å)")
@@ -446,6 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run seeds (the test set does not depend on them)")
     p.add_argument("--out", type=Path, default=Path("runs/active_vs_random"), help="run directories")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run result JSONs")
+    p.add_argument("--random-from", type=Path, default=None,
+                   help="--table-only: take the random runs from this results folder instead")
     p.add_argument("--rerun", action="store_true", help="run and evaluate even where a result JSON exists")
     p.add_argument("--table-only", action="store_true", help="print the table(s) from the result JSONs alone")
     p.add_argument("--plot", type=Path, default=None, help="PNG of force RMSE vs labels ({system} is replaced)")
@@ -477,6 +479,10 @@ def targets_of(args: argparse.Namespace, system: str) -> list[float]:
 def report(args: argparse.Namespace, systems: list[str]) -> None:
     """The markdown table (and plot) per system from the result JSONs."""
     results = load_results(args.results)
+    if args.random_from is not None:  # the random baseline of another set (random never reads the scores)
+        for system, runs in load_results(args.random_from).items():
+            if "random" in runs:
+                results.setdefault(system, {})["random"] = runs["random"]
     for system in systems:
         if system not in results:
             print(f"{system}: no results in {args.results}")

@@ -124,3 +124,15 @@ def test_verdict_at_randoms_tightest_target_and_looser_ones(bench) -> None:
     assert "(1/2 reached)" in line and "target >= 2: not met" in line
     assert "more labels than random's worst seed at 0.05" in line and "0.05, 0.03" not in line  # 40 > 30, 40 = 40
     assert "| 0.025 |" in bench.table("cu", good, [0.05])
+
+
+def test_random_from_another_results_folder(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    mine.mkdir(), other.mkdir()
+    (mine / "cu_committee_seed0.json").write_text(json.dumps(_record("cu", "committee", 0, [0.1, 0.04])))
+    (mine / "cu_random_seed0.json").write_text(json.dumps(_record("cu", "random", 0, [0.1, 0.09, 0.08, 0.07])))
+    (other / "cu_random_seed0.json").write_text(json.dumps(_record("cu", "random", 0, [0.1, 0.09, 0.04])))
+    assert bench.main(["--table-only", "--system", "cu", "--results", str(mine), "--random-from", str(other),
+                       "--target", "0.05"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.05 |"))
+    assert "30 ± [30–30] (1/1 reached)" in row and "| 1.50 |" in row  # other's random (30 labels), not mine's
