@@ -321,9 +321,9 @@ def select_frames(
             classes.append(cls)
             texts.append(text)
             per_walker[w][cls] += 1
+    adaptive_from: set[int] = set()  # pool members that are there by the adaptive top-up
     if cfg.strategy == "committee":
         pool = [k for k, c in enumerate(classes) if c == CANDIDATE]
-        adaptive = False
         if len(pool) < budget and cfg.adaptive_fraction is not None:
             # top up: the most uncertain accurate frames join the (too few) candidates
             accurate = [k for k, c in enumerate(classes) if c == ACCURATE]
@@ -331,11 +331,9 @@ def select_frames(
             extra = sorted(accurate, key=lambda k: -scores[k])[:max(0, n_take - len(pool))]
             adaptive_from = set(extra)
             pool = pool + extra
-            adaptive = bool(extra)
     else:
-        pool, adaptive = list(range(len(items))), False
-    if not adaptive:
-        adaptive_from = set()
+        pool = list(range(len(items)))
+    adaptive = bool(adaptive_from)
 
     kept, seen = [], set(ds_hashes)
     n_duplicate = 0
@@ -404,7 +402,7 @@ def select_frames(
                 del out.arrays[key]
         if cfg.strategy == "committee":
             head = ("adaptive: fewer candidates than the budget, among the most uncertain non-failed frames"
-                    if adaptive and k in adaptive_from else "candidate")
+                    if k in adaptive_from else "candidate")
             out.info[SELECTION_REASON] = f"{head}; {texts[k]}; {how[k]}"
             out.info[SELECTION_SCORE] = float(scores[k])
         else:

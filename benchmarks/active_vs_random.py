@@ -58,9 +58,9 @@ Units: eV/Å, meV/atom, K, fs, s.
 from __future__ import annotations
 
 import argparse
-import math
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any

@@ -49,9 +49,6 @@ from potentials.base import Potential, strained_geometry
 from potentials.committee import FORCE_DEVIATION, Committee
 
 FORCES_MODES = ("heads", "mean")
-#: ``forward(..., spread=False)`` gives the mean forces at the cost of one model (deviations NaN): the batched
-#: MD engine asks for the heads' spread only on steps that record a frame (alflow.explore.batched).
-SPARSE_SPREAD = True
 
 
 def readout_name(model: Potential) -> str:
@@ -99,7 +96,9 @@ class ShallowCommittee(nn.Module):
     """One trunk, K heads at the readout (module docstring); α calibrates the spread."""
 
     committee_kind: str = "shallow"  # alflow.train.train_committee dispatches on it
-    sparse_spread: bool = SPARSE_SPREAD  # forward(spread=False): alflow.explore.batched reads it
+    # forward(spread=False) gives the mean forces at one model's cost (NaN deviations): the batched MD engine
+    # (alflow.explore.batched) then asks for the heads' spread only on steps that record a frame
+    sparse_spread: bool = True
 
     def __init__(self, model: Potential, k: int, *, seed: int = 0, alpha: float = 1.0, init: str = "random",
                  forces_mode: str = "heads") -> None:
@@ -240,7 +239,7 @@ class ShallowCommittee(nn.Module):
         """Means, heads' predictions and scores, as ``Committee.forward`` (module docstring for ``forces_mode``).
 
         ``spread=False`` (``forces_mode: heads``): the mean forces from one backward pass (the cost of one
-        model) and NaN force deviations, for MD steps whose deviation nobody reads (``SPARSE_SPREAD``).
+        model) and NaN force deviations, for MD steps whose deviation nobody reads (``sparse_spread``).
         """
         create_graph = self.training if create_graph is None else bool(create_graph)
         alpha = self.alpha if calibrated else torch.ones_like(self.alpha)

@@ -106,7 +106,6 @@ class ForceCall:
         # for it only when ``want_spread`` (the engine sets it for steps that record a frame)
         self.sparse = bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
         self.want_spread = True
-        self.spread_calls = 0
 
     def batch(self, state: MDState) -> dict[str, torch.Tensor]:
         """The model's input batch for ``state`` (pairs within the cutoff); also sets ``self.pair_min``."""
@@ -150,7 +149,6 @@ class ForceCall:
         spread = self.want_spread or not self.sparse
         out = self.model(batch, forces=True, stress=self.stress, **({} if spread else {"spread": False}))
         self.calls += 1
-        self.spread_calls += int(spread)
         dtype = state.dtype
         energy = out[keys.ENERGY].detach().to(dtype)
         forces = out[keys.FORCES].detach().to(dtype)
@@ -362,12 +360,10 @@ def run_batched(
         nonlocal state, mon, present
         assert state is not None and mon is not None
         slots = [k for k in range(len(walkers)) if only is None or k in only]
-        if not any(walkers[k].step % walkers[k].spec.stride == 0 or walkers[k].step >= walkers[k].spec.steps
-                   for k in slots):
+        if not any(_records(walkers[k], walkers[k].step) for k in slots):
             return  # no frame due: nothing is read from the device (stops wait for the next frame step)
         code = mon.code.cpu().numpy()
-        due = [k for k in slots if code[k] != RUNNING or walkers[k].step % walkers[k].spec.stride == 0
-               or walkers[k].step >= walkers[k].spec.steps]
+        due = [k for k in slots if code[k] != RUNNING or _records(walkers[k], walkers[k].step)]
         host = _host_copy(state)
         stop_step, worst = mon.stop_step.cpu().numpy(), mon.worst.cpu().numpy()
         leaving = []
