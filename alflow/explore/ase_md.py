@@ -17,6 +17,7 @@ others, when
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import traceback
@@ -142,10 +143,14 @@ class LockstepCalculator(Calculator):
         self.batcher = batcher
         self.evaluator = evaluator
         self.scores: dict[str, Any] = {}
+        # False between recorded frames: the committee spread may be skipped (NaN deviations; a shallow committee)
+        self.want_spread = True
 
     def calculate(self, atoms: Atoms | None = None, properties: Any = None, system_changes: Any = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        r = self.batcher.compute(self.atoms) if self.batcher is not None else self.evaluator([self.atoms])[0]
+        spread = self.want_spread
+        r = (self.batcher.compute(self.atoms, spread=spread) if self.batcher is not None
+             else self.evaluator([self.atoms], spread=spread)[0])
         self.results = {"energy": r["energy"], "free_energy": r["energy"], "forces": r["forces"]}
         if r["stress"] is not None:
             s = r["stress"]
@@ -196,6 +201,9 @@ def run_walker(
             Stationary(atoms)
         dyn = make_dynamics(atoms, spec)
         for step in range(spec.steps + 1):
+            # the deviation is read where a frame is recorded (or the walker ends); between those, a shallow
+            # committee gives the mean forces at one model's cost (the stop rule carries its last look on)
+            calc.want_spread = step % spec.stride == 0 or step >= spec.steps
             if step > 0:
                 fraction = step / spec.steps
                 temperature = ramp(spec.temperature, fraction)
@@ -256,7 +264,8 @@ def run_walkers(
 
     def on_step(name: str, deviation: float) -> None:
         with lock:
-            state["worst"] = max(state["worst"], deviation)
+            if math.isfinite(deviation):  # NaN between recorded frames (a shallow committee's skipped spread)
+                state["worst"] = max(state["worst"], deviation)
             if bar is not None:
                 bar.update(1)
 

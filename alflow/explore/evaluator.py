@@ -13,6 +13,7 @@ works unchanged, and N walkers cost one model call per step instead of N.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -46,15 +47,22 @@ class ModelEvaluator:
         self.dtype = model_dtype(self.model)
         self.cutoff = float(model.cutoff)
         self.calls = 0  # number of batched model calls (for tests and progress)
+        self.spread_calls = 0  # of which computed the committee spread
+        # a shallow committee can skip its heads' K backward passes (mean forces at one model's cost, NaN
+        # deviations); ``__call__(..., spread=False)`` asks for that where nobody reads the deviation
+        self.sparse = bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
 
-    def __call__(self, frames: Sequence[Atoms], stress: bool | None = None) -> list[dict[str, Any]]:
+    def __call__(self, frames: Sequence[Atoms], stress: bool | None = None, spread: bool = True) -> list[dict[str, Any]]:
+        """Results per frame (class docstring); ``spread=False``: NaN deviations where the model can skip them."""
         if not frames:
             return []
         batch = atoms_to_batch(frames, self.cutoff, dtype=self.dtype, device=self.device)
         periodic = [bool(a.pbc.all()) for a in frames]
         want_stress = any(periodic) if stress is None else stress
-        out = self.model(batch, forces=True, stress=want_stress)
+        skip = self.sparse and not spread
+        out = self.model(batch, forces=True, stress=want_stress, **({"spread": False} if skip else {}))
         self.calls += 1
+        self.spread_calls += 0 if skip else 1
         out = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         counts = batch[keys.N_ATOMS].cpu().numpy()
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -102,7 +110,9 @@ class LockstepBatcher:
 
     ``register()`` a walker before its thread starts and ``retire()`` it when it
     stops. ``compute(atoms)`` blocks until every live walker is waiting, then the
-    last one to arrive runs the batch and wakes the others.
+    last one to arrive runs the batch and wakes the others. ``compute(atoms, spread=False)``:
+    this walker does not read the committee spread of this structure; the batch skips it
+    (where the model can, :class:`ModelEvaluator`) only when no walker in it wants it.
     """
 
     def __init__(self, evaluate: ModelEvaluator) -> None:
@@ -110,6 +120,7 @@ class LockstepBatcher:
         self._cond = threading.Condition()
         self._live = 0
         self._pending: dict[int, Atoms] = {}
+        self._want_spread: dict[int, bool] = {}
         self._results: dict[int, dict[str, Any] | BaseException] = {}
         self._next_id = 0
 
@@ -122,11 +133,12 @@ class LockstepBatcher:
             self._live -= 1
             self._maybe_run()
 
-    def compute(self, atoms: Atoms) -> dict[str, Any]:
+    def compute(self, atoms: Atoms, spread: bool = True) -> dict[str, Any]:
         with self._cond:
             ticket = self._next_id
             self._next_id += 1
             self._pending[ticket] = atoms.copy()
+            self._want_spread[ticket] = bool(spread)
             self._maybe_run()
             while ticket not in self._results:
                 self._cond.wait()
@@ -141,7 +153,9 @@ class LockstepBatcher:
             return
         tickets = list(self._pending)
         frames = [self._pending.pop(t) for t in tickets]
-        self._results.update(zip(tickets, evaluate_isolated(self.evaluate, frames)))
+        spread = any([self._want_spread.pop(t) for t in tickets])
+        evaluate = self.evaluate if spread else functools.partial(self.evaluate, spread=False)
+        self._results.update(zip(tickets, evaluate_isolated(evaluate, frames)))
         self._cond.notify_all()
 
 

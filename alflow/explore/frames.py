@@ -142,7 +142,10 @@ class StopRule:
         if not finite or biggest > self.max_force or distance < self.min_distance:
             return EXPLODED, exploded_message(finite=finite, max_force=biggest, min_distance=distance,
                                               limit_distance=self.min_distance, limit_force=self.max_force)
-        self.above = self.above + 1 if deviation > self.upper else 0
+        # NaN deviation: no spread this step (a shallow committee between recorded frames); a run above
+        # ``upper`` at the last look counts on until the next look says otherwise (as the batched engine)
+        seen = deviation > self.upper if math.isfinite(deviation) else self.above > 0
+        self.above = self.above + 1 if seen else 0
         if self.above >= self.patience:
             return UNCERTAIN, uncertain_message(self.upper, self.above)
         return DONE, ""

@@ -225,3 +225,60 @@ def test_batched_engine_asks_for_the_spread_only_on_recorded_steps(tmp_path):
             np.testing.assert_allclose(x.positions, y.positions, atol=1e-10)
             assert x.info[keys.MAX_FORCE_DEVIATION] == pytest.approx(y.info[keys.MAX_FORCE_DEVIATION], rel=1e-8)
             assert np.isfinite(x.info[keys.MAX_FORCE_DEVIATION])
+
+
+@pytest.mark.parametrize("lockstep", [True, False], ids=["lockstep", "one-by-one"])
+def test_ase_engine_asks_for_the_spread_only_on_recorded_steps(tmp_path, lockstep):
+    """Sparse spread in the ASE engine: the same frames and recorded deviations as an every-step run, with the
+    heads' K backward passes on the start and every stride-th step only."""
+    from ase.build import bulk
+    from ase.io import read
+
+    from alflow.explore.ase_md import WalkerSpec, run_walkers
+    from alflow.explore.evaluator import ModelEvaluator
+    from alflow.explore.frames import DONE
+
+    sc = ShallowCommittee.build("schnet", 3, ["Cu"], 4.0, seed=0, n_atom_basis=16, n_filters=16, n_interactions=2,
+                                n_rbf=8).double().eval()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=1)
+    specs = [WalkerSpec(atoms=atoms, steps=20, stride=5, seed=s, name=f"w{s}") for s in range(2)]
+    sparse_eval = ModelEvaluator(sc, device="cpu")
+    sparse = run_walkers(specs, sparse_eval, tmp_path / "sparse", upper=1e3, batched=lockstep, progress=False,
+                         device="cpu")
+    dense_eval = ModelEvaluator(sc, device="cpu")
+    dense_eval.sparse = False  # this evaluator pays for the spread on every step
+    dense = run_walkers(specs, dense_eval, tmp_path / "dense", upper=1e3, batched=lockstep, progress=False,
+                        device="cpu")
+    runs = 1 if lockstep else 2  # lockstep: one call serves both walkers
+    assert dense_eval.spread_calls == dense_eval.calls == 21 * runs  # the start + 20 steps
+    assert sparse_eval.calls == 21 * runs and sparse_eval.spread_calls == 5 * runs  # start + steps 5, 10, 15, 20
+    for a, b in zip(sparse, dense):
+        assert a.status == b.status == DONE
+        fa, fb = read(a.trajectory, ":"), read(b.trajectory, ":")
+        assert len(fa) == len(fb) == 5
+        for x, y in zip(fa, fb):
+            np.testing.assert_allclose(x.positions, y.positions, atol=1e-10)
+            assert np.isfinite(x.info[keys.MAX_FORCE_DEVIATION])
+            assert x.info[keys.MAX_FORCE_DEVIATION] == pytest.approx(y.info[keys.MAX_FORCE_DEVIATION], rel=1e-8)
+        # the worst deviation seen: over the recorded steps (sparse) vs over every step (dense)
+        recorded = max(x.info[keys.MAX_FORCE_DEVIATION] for x in fa)
+        assert a.max_force_deviation == pytest.approx(recorded, rel=1e-8)
+        assert a.max_force_deviation <= b.max_force_deviation * (1 + 1e-8)
+
+
+def test_stop_rule_carries_the_last_look_over_steps_without_a_spread():
+    """A NaN deviation (no spread this step) neither ends nor restarts a run above ``upper``."""
+    from alflow.explore.frames import DONE, UNCERTAIN, StopRule
+
+    rule = StopRule(upper=0.5, patience=3, min_distance=0.0)
+    scores = lambda dev: {keys.MAX_FORCE_DEVIATION: dev, "forces": np.zeros((2, 3)), "energy": 0.0}  # noqa: E731
+    assert rule.update(scores(float("nan")))[0] == DONE and rule.above == 0  # nothing seen yet
+    assert rule.update(scores(0.9))[0] == DONE and rule.above == 1
+    assert rule.update(scores(float("nan")))[0] == DONE and rule.above == 2  # counts on
+    assert rule.update(scores(float("nan")))[0] == UNCERTAIN
+    rule = StopRule(upper=0.5, patience=3, min_distance=0.0)
+    rule.update(scores(0.9))
+    rule.update(scores(0.1))  # the next look says it came back
+    assert rule.update(scores(float("nan")))[0] == DONE and rule.above == 0
+    assert rule.worst == pytest.approx(0.9)
