@@ -95,13 +95,17 @@ def cost(archs: list[str], sizes: list[int], repeats: int) -> None:
 
 
 def md_cost(archs: list[str], sizes: list[int], walkers: int, steps: int, stride: int, repeats: int,
-            device: str) -> None:
-    """Batched Langevin MD (``alflow.explore.batched.run_batched``, 600 K, 2 fs, ``walkers`` rattled Cu cells of
-    ``size`` atoms, a frame every ``stride`` steps): wall time per variant as multiples of one model's MD."""
+            device: str, engine: str = "batched") -> None:
+    """Langevin MD (600 K, 2 fs, ``walkers`` rattled Cu cells of ``size`` atoms, a frame every ``stride`` steps) in
+    the ``batched`` engine (``alflow.explore.batched.run_batched``) or the ``ase`` engine's lockstep walkers
+    (``alflow.explore.ase_md.run_walkers``): wall time per variant as multiples of one model's MD."""
     import tempfile
 
-    from alflow.explore.ase_md import WalkerSpec
+    from alflow.explore.ase_md import WalkerSpec, run_walkers
     from alflow.explore.batched import run_batched
+
+    run = run_batched if engine == "batched" else run_walkers
+    print(f"engine: {engine}")
 
     print(f"| arch | atoms × walkers | steps (stride) | one model (s) | shallow heads, spread on frames | "
           f"shallow heads, every step | shallow mean | full committee |")
@@ -124,7 +128,7 @@ def md_cost(archs: list[str], sizes: list[int], walkers: int, steps: int, stride
                 for r in range(repeats):
                     for name, model in variants.items():
                         t0 = time.perf_counter()
-                        run_batched(specs, model, f"{tmp}/{name}{r}", upper=1e6, progress=False, device=device)
+                        run(specs, model, f"{tmp}/{name}{r}", upper=1e6, progress=False, device=device)
                         best[name] = min(best[name], time.perf_counter() - t0)
             t1 = best["one"]
             print(f"| {arch} | {len(atoms)} × {walkers} | {steps} ({stride}) | {t1:.2f} | {best['sparse'] / t1:.2f}× | "
@@ -266,6 +270,7 @@ def main() -> None:
     m.add_argument("--stride", type=int, default=20)
     m.add_argument("--repeats", type=int, default=2)
     m.add_argument("--device", default="cpu")
+    m.add_argument("--engine", default="batched", choices=("batched", "ase"))
     m.add_argument("--threads", type=int, default=1)
     k = sub.add_parser("calibration")
     k.add_argument("--arch", default="schnet")
@@ -284,7 +289,7 @@ def main() -> None:
         cost(args.archs, args.sizes, args.repeats)
         return
     if args.what == "md":
-        md_cost(args.archs, args.sizes, args.walkers, args.steps, args.stride, args.repeats, args.device)
+        md_cost(args.archs, args.sizes, args.walkers, args.steps, args.stride, args.repeats, args.device, args.engine)
         return
     if args.what == "heads":
         heads_overhead(args.archs, args.sizes)
