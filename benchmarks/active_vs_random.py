@@ -152,7 +152,7 @@ def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int,
                      "valid_fraction": 0.15, "warm_start": True, "max_time_s": 600},
         "exploration": {"engine": args.engine, "walkers": walkers, "uncertain_patience": 10_000},
         "selection": {"strategy": "random" if strategy == "random" else "committee", "lower": args.lower,
-                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": "fps",
+                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": args.diversity,
                       "adaptive_fraction": args.adaptive},
         "labelling": {"oracle": "emt", "timeout_s": 60},
         # a fixed number of iterations: convergence only when every explored frame is trusted
@@ -434,6 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="MD steps per walker and iteration")
     p.add_argument("--engine", default="batched", choices=("batched", "ase"), help="exploration engine")
     p.add_argument("--lower", type=float, default=0.05, help="committee trust level (eV/Å)")
+    p.add_argument("--diversity", default="fps", choices=("fps", "none"),
+                   help="selection.diversity of the committees: fps (farthest-point sampling among the candidates) or "
+                        "none (the most uncertain first); random ignores it")
     p.add_argument("--adaptive", type=float, default=None,
                    help="selection.adaptive_fraction: top too few candidates up with the most uncertain frames "
                         "(default none; 0.1 measured: more labels to every target, docs/benchmarks.md; random ignores it)")
