@@ -400,7 +400,7 @@ class SelectionConfig(_Model):
     min_stride: int = Field(1, ge=1, description="Minimum distance between selected frames of one trajectory (frames).")
     diversity: Literal["none", "fps"] = Field(
         "fps", description="fps: farthest-point sampling among the candidates; none: the most uncertain first "
-                           "(pair it with max_per_walker: docs/labelling.md).")
+                           "(measured against fps in docs/labelling.md).")
     strategy: Literal["committee", "random"] = Field("committee", description="Uncertainty-based or random selection (baseline).")
     min_interatomic_distance: float = Field(0.6, gt=0, description="Reject frames with atoms closer than this (Å).")
     max_force: float = Field(50.0, gt=0, description="Reject frames whose predicted force exceeds this (eV/Å).")
