@@ -401,6 +401,9 @@ class SelectionConfig(_Model):
     diversity: Literal["none", "fps"] = Field(
         "fps", description="fps: farthest-point sampling among the candidates; none: the most uncertain first "
                            "(measured against fps in docs/labelling.md).")
+    fps_pool: float | None = Field(
+        None, ge=1, description="diversity fps: farthest-point sampling among the ceil(fps_pool x budget) most "
+                                "uncertain candidates only. null: among every candidate.")
     strategy: Literal["committee", "random"] = Field("committee", description="Uncertainty-based or random selection (baseline).")
     min_interatomic_distance: float = Field(0.6, gt=0, description="Reject frames with atoms closer than this (Å).")
     max_force: float = Field(50.0, gt=0, description="Reject frames whose predicted force exceeds this (eV/Å).")

@@ -28,7 +28,8 @@ Strategy "committee" (SelectionConfig), in this order:
 4. Diversity ``fps``: candidates within ``dataset_distance`` of a dataset frame
    in descriptor space are dropped, then farthest-point sampling (the dataset
    counts as already chosen; with an empty dataset the most uncertain
-   candidate comes first). ``none``: top-k by uncertainty score
+   candidate comes first), among the ``ceil(fps_pool * budget)`` most uncertain
+   candidates when ``fps_pool`` is set. ``none``: top-k by uncertainty score
    max(dev_F / lower, dev_E / energy_lower).
 5. Caps on every pick: ``max_per_iteration`` in all (or ``budget``),
    ``max_per_walker`` per walker, and ``min_stride``: selected frames of one
@@ -372,6 +373,9 @@ def select_frames(
             reject(kept[idx], f"near_dataset: descriptor distance {mind[idx]:.3g} < {dataset_distance:g} to a dataset frame")
         alive = ~near
         sc = np.array([scores[k] for k in kept])
+        if cfg.fps_pool is not None:  # only the most uncertain candidates compete on distance
+            order = np.argsort(-np.where(alive, sc, -np.inf), kind="stable")
+            alive[order[math.ceil(cfg.fps_pool * budget):]] = False
         while alive.any():
             elig = np.array([alive[i] and caps.allows(items[kept[i]][1], items[kept[i]][2]) for i in range(len(kept))])
             if not elig.any():

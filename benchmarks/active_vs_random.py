@@ -153,7 +153,7 @@ def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int,
         "exploration": {"engine": args.engine, "walkers": walkers, "uncertain_patience": 10_000},
         "selection": {"strategy": "random" if strategy == "random" else "committee", "lower": args.lower,
                       "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": args.diversity,
-                      "max_per_walker": args.max_per_walker,
+                      "max_per_walker": args.max_per_walker, "fps_pool": args.fps_pool,
                       "adaptive_fraction": args.adaptive},
         "labelling": {"oracle": "emt", "timeout_s": 60},
         # a fixed number of iterations: convergence only when every explored frame is trusted
@@ -441,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diversity", default="fps", choices=("fps", "none"),
                    help="selection.diversity of the committees: fps (farthest-point sampling among the candidates) or "
                         "none (the most uncertain first); random ignores it")
+    p.add_argument("--fps-pool", type=float, default=None,
+                   help="selection.fps_pool: farthest-point sampling among the ceil(f x per-iteration) most uncertain "
+                        "candidates only (committees; random ignores it)")
     p.add_argument("--max-per-walker", type=int, default=None,
                    help="selection.max_per_walker: at most this many labels from one walker per iteration (every "
                         "strategy: random's draws change too)")

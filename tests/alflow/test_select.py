@@ -121,6 +121,21 @@ def test_fps_picks_one_frame_per_cluster():
     assert [a.info["walker"] for a in top.frames] == [0, 0, 0]  # pure top-k would spend the budget on one cluster
 
 
+def test_fps_pool_samples_only_among_the_most_uncertain():
+    """fps_pool = 1 with a budget of 2: only the 2 most uncertain candidates compete, however close they are."""
+    frames = clusters()
+    frames[5].info[MAX_FORCE_DEVIATION] = 0.3  # cluster 1 (+6 %): the two most uncertain frames
+    frames[6].info[MAX_FORCE_DEVIATION] = 0.25
+    everywhere = select_frames(frames, cfg(diversity="fps", max_per_iteration=2))
+    assert sorted(a.info["walker"] for a in everywhere.frames) != [1, 1]  # plain fps leaves the cluster
+    pooled = select_frames(frames, cfg(diversity="fps", max_per_iteration=2, fps_pool=1))
+    assert sorted(a.info[MAX_FORCE_DEVIATION] for a in pooled.frames) == [0.25, 0.3]
+    wider = select_frames(frames, cfg(diversity="fps", max_per_iteration=2, fps_pool=6))  # 12 >= every candidate
+    assert [a.info["step"] for a in wider.frames] == [a.info["step"] for a in everywhere.frames]
+    with pytest.raises(ValidationError):
+        cfg(fps_pool=0.5)
+
+
 def test_fps_excludes_candidates_near_the_dataset(tmp_path):
     cands = clusters()
     known = cands[0].copy()
