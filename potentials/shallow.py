@@ -96,8 +96,8 @@ class ShallowCommittee(nn.Module):
     """One trunk, K heads at the readout (module docstring); α calibrates the spread."""
 
     committee_kind: str = "shallow"  # alflow.train.train_committee dispatches on it
-    # forward(spread=False) gives the mean forces at one model's cost (NaN deviations): the batched MD engine
-    # (alflow.explore.batched) then asks for the heads' spread only on steps that record a frame
+    # forward(spread=False) gives the mean forces at one model's cost (NaN deviations): both MD engines
+    # (alflow.explore.batched, alflow.explore.ase_md) ask for the heads' spread only on steps that record a frame
     sparse_spread: bool = True
 
     def __init__(self, model: Potential, k: int, *, seed: int = 0, alpha: float = 1.0, init: str = "random",

@@ -77,6 +77,10 @@ class WalkerSpec:
         if self.steps < 1 or self.stride < 1:
             raise ValueError(f"steps and stride: expected positive integers, got {self.steps}, {self.stride}")
 
+    def records(self, step: int) -> bool:
+        """Whether a frame is written after ``step`` (every ``stride`` steps, and the last step)."""
+        return step % self.stride == 0 or step >= self.steps
+
 
 def ramp(value: float | Sequence[float], fraction: float) -> float:
     """Linear interpolation through ``value`` (a number or a list of set points) at ``fraction`` in [0, 1]."""
@@ -203,7 +207,7 @@ def run_walker(
         for step in range(spec.steps + 1):
             # the deviation is read where a frame is recorded (or the walker ends); between those, a shallow
             # committee gives the mean forces at one model's cost (the stop rule carries its last look on)
-            calc.want_spread = step % spec.stride == 0 or step >= spec.steps
+            calc.want_spread = spec.records(step)
             if step > 0:
                 fraction = step / spec.steps
                 temperature = ramp(spec.temperature, fraction)
@@ -214,7 +218,7 @@ def run_walker(
             scores = calc.scores
             status, message = rule.update(scores)
             stop = status != DONE or step == spec.steps
-            if step % spec.stride == 0 or stop:
+            if spec.records(step) or stop:
                 traj.append(scored_frame(atoms, scores, step, spec.name, temperature, alpha=alpha))
             if on_step is not None and step > 0:
                 on_step(spec.name, float(scores[keys.MAX_FORCE_DEVIATION]))

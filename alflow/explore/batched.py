@@ -35,6 +35,7 @@ from ase import Atoms
 from alflow import keys
 from alflow.ensembles import for_engine as ensembles_for
 from alflow.explore.ase_md import WalkerSpec, check_finite_settings, committee_alpha, ramp
+from alflow.explore.evaluator import skips_spread
 from alflow.devices import resolve_device as pick_device
 from alflow.explore.frames import (
     DONE,
@@ -104,7 +105,7 @@ class ForceCall:
         self.calls = 0
         # a provider that can skip its committee spread (a shallow committee's K backward passes) is asked
         # for it only when ``want_spread`` (the engine sets it for steps that record a frame)
-        self.sparse = bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
+        self.sparse = skips_spread(model)
         self.want_spread = True
 
     def batch(self, state: MDState) -> dict[str, torch.Tensor]:
@@ -360,10 +361,10 @@ def run_batched(
         nonlocal state, mon, present
         assert state is not None and mon is not None
         slots = [k for k in range(len(walkers)) if only is None or k in only]
-        if not any(_records(walkers[k], walkers[k].step) for k in slots):
+        if not any(walkers[k].spec.records(walkers[k].step) for k in slots):
             return  # no frame due: nothing is read from the device (stops wait for the next frame step)
         code = mon.code.cpu().numpy()
-        due = [k for k in slots if code[k] != RUNNING or _records(walkers[k], walkers[k].step)]
+        due = [k for k in slots if code[k] != RUNNING or walkers[k].spec.records(walkers[k].step)]
         host = _host_copy(state)
         stop_step, worst = mon.stop_step.cpu().numpy(), mon.worst.cpu().numpy()
         leaving = []
@@ -408,7 +409,7 @@ def run_batched(
             if not walkers:
                 continue
             assert state is not None and mon is not None
-            force_call.want_spread = any(_records(w, w.step + 1) for w in walkers)
+            force_call.want_spread = any(w.spec.records(w.step + 1) for w in walkers)
             try:
                 stepped = integrators.step(state, force_call, present)
             except Exception as exc:  # noqa: BLE001 - find the walker(s) that fail alone; the others go on
@@ -431,11 +432,6 @@ def run_batched(
     ordered = [results[i] for i in range(len(specs))]
     write_results(out_dir, ordered)
     return ordered
-
-
-def _records(walker: _Walker, step: int) -> bool:
-    """Whether ``walker`` writes a frame after ``step`` (its stride, or its last step)."""
-    return step % walker.spec.stride == 0 or step >= walker.spec.steps
 
 
 def _error(exc: BaseException) -> str:

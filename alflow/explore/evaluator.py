@@ -31,6 +31,12 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters()), torch.get_default_dtype())
 
 
+def skips_spread(model: Any) -> bool:
+    """Whether ``model(..., spread=False)`` saves work: a shallow committee with per-head forces
+    (``sparse_spread``) gives the mean forces at one model's cost and NaN deviations."""
+    return bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
+
+
 class ModelEvaluator:
     """Batched energy/forces/stress (+ committee scores) of a Potential or Committee.
 
@@ -50,7 +56,7 @@ class ModelEvaluator:
         self.spread_calls = 0  # of which computed the committee spread
         # a shallow committee can skip its heads' K backward passes (mean forces at one model's cost, NaN
         # deviations); ``__call__(..., spread=False)`` asks for that where nobody reads the deviation
-        self.sparse = bool(getattr(model, "sparse_spread", False) and getattr(model, "forces_mode", "") == "heads")
+        self.sparse = skips_spread(model)
 
     def __call__(self, frames: Sequence[Atoms], stress: bool | None = None, spread: bool = True) -> list[dict[str, Any]]:
         """Results per frame (class docstring); ``spread=False``: NaN deviations where the model can skip them."""
@@ -153,7 +159,7 @@ class LockstepBatcher:
             return
         tickets = list(self._pending)
         frames = [self._pending.pop(t) for t in tickets]
-        spread = any([self._want_spread.pop(t) for t in tickets])
+        spread = any([self._want_spread.pop(t) for t in tickets])  # a list: every ticket is popped
         evaluate = self.evaluate if spread else functools.partial(self.evaluate, spread=False)
         self._results.update(zip(tickets, evaluate_isolated(evaluate, frames)))
         self._cond.notify_all()
