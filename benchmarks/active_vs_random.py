@@ -9,7 +9,8 @@
 Systems (``--system``). ``cu``: 32-atom fcc Cu (a = 3.61 Å). ``cuni``: random fcc
 Cu(1-x)Ni(x) alloys with composition disorder, 32-atom cells (2x2x2 cubic fcc, Vegard
 lattice constant between Cu 3.61 Å and Ni 3.52 Å); the starting and exploration
-structures are four cells around x = 0.5 (x = 0.5, 0.375, 0.625, 0.5: 16, 12, 20, 16 Ni)
+structures are four cells around x = 0.5 (x = 0.5, 0.375, 0.625, 0.5: 16, 12, 20, 16 Ni;
+``--start-compositions 0.5 0.25 0.75 0.5`` spans the test set's compositions instead)
 with seeded random site occupation, written as extxyz files into the run directory (``system.structures``;
 the walkers cycle through them and prepare relaxed/strained/vacancy/rattled starts
 from them). Both are labelled with EMT (Jacobsen, Stoltze & Nørskov, Surf. Sci. 366,
@@ -106,8 +107,8 @@ def alloy_cell(x_ni: float, rng: np.random.Generator, repeat: int = 2) -> Atoms:
     return atoms
 
 
-def write_start_alloys(run_dir: Path, seed: int) -> list[str]:
-    """Seeded random cells at ``START_COMPOSITIONS`` as extxyz files in ``run_dir/structures``; their paths.
+def write_start_alloys(run_dir: Path, seed: int, compositions: tuple[float, ...] = START_COMPOSITIONS) -> list[str]:
+    """Seeded random cells at ``compositions`` (Ni fractions) as extxyz files in ``run_dir/structures``; their paths.
 
     Not all at x = 0.5: with one composition only, the Cu and Ni reference energies could not be told apart
     and the energy at other compositions would be extrapolated blindly.
@@ -118,7 +119,7 @@ def write_start_alloys(run_dir: Path, seed: int) -> list[str]:
     folder = run_dir / "structures"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, x in enumerate(START_COMPOSITIONS):
+    for k, x in enumerate(compositions):
         path = folder / f"cuni_{k}_x{round(100 * x):03d}.extxyz"
         atoms = alloy_cell(x, rng)
         if not path.exists():  # a resumed run keeps its structures
@@ -127,12 +128,13 @@ def write_start_alloys(run_dir: Path, seed: int) -> list[str]:
     return paths
 
 
-def system_section(system: str, run_dir: Path, seed: int, initial: int) -> dict[str, Any]:
+def system_section(system: str, run_dir: Path, seed: int, initial: int,
+                   compositions: tuple[float, ...] = START_COMPOSITIONS) -> dict[str, Any]:
     rattle = {"n_frames": initial, "stdev": 0.05, "strain": 0.02}
     if system == "cu":
         return {"build": {"element": "Cu", "crystal": "fcc", "a": A_CU, "cubic": True}, "supercell": [2, 2, 2],
                 "initial_rattle": rattle}
-    return {"structures": write_start_alloys(run_dir, seed), "initial_rattle": rattle}
+    return {"structures": write_start_alloys(run_dir, seed, compositions), "initial_rattle": rattle}
 
 
 def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int,
         committee.update(kind="shallow", heads=4)
     return {
         "name": f"active-vs-random-{system}-{strategy}-seed{seed}", "run_dir": str(run_dir), "seed": seed,
-        "system": system_section(system, run_dir, seed, args.initial),
+        "system": system_section(system, run_dir, seed, args.initial, tuple(args.start_compositions)),
         "potential": {"architecture": "schnet", "cutoff": 4.5,
                       "hparams": {"n_atom_basis": args.features, "n_filters": args.features, "n_interactions": 2,
                                   "n_rbf": 16}},
@@ -450,6 +452,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adaptive", type=float, default=None,
                    help="selection.adaptive_fraction: top too few candidates up with the most uncertain frames "
                         "(default none; 0.1 measured: more labels to every target, docs/benchmarks.md; random ignores it)")
+    p.add_argument("--start-compositions", type=float, nargs="+", default=list(START_COMPOSITIONS),
+                   help="cuni: Ni fractions of the start cells, which the initial set and the walkers cycle through "
+                        f"(default {' '.join(map(str, START_COMPOSITIONS))}; the test set is at "
+                        f"{' '.join(map(str, TEST_COMPOSITIONS))})")
     p.add_argument("--test-md", type=int, default=120, help="held-out EMT MD frames")
     p.add_argument("--test-defects", type=int, default=36, help="held-out strained + vacancy frames")
     p.add_argument("--target", type=float, default=None, help="a target test force RMSE (eV/Å)")
