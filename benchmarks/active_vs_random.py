@@ -154,7 +154,7 @@ def base_config(args: argparse.Namespace, system: str, strategy: str, seed: int,
                      "valid_fraction": 0.15, "warm_start": True, "max_time_s": 600},
         "exploration": {"engine": args.engine, "walkers": walkers, "uncertain_patience": 10_000},
         "selection": {"strategy": "random" if strategy == "random" else "committee", "lower": args.lower,
-                      "upper": 2.0, "max_per_iteration": args.per_iteration, "diversity": args.diversity,
+                      "upper": args.upper, "max_per_iteration": args.per_iteration, "diversity": args.diversity,
                       "max_per_walker": args.max_per_walker, "fps_pool": args.fps_pool,
                       "adaptive_fraction": args.adaptive},
         "labelling": {"oracle": "emt", "timeout_s": 60},
@@ -440,6 +440,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="MD steps per walker and iteration")
     p.add_argument("--engine", default="batched", choices=("batched", "ase"), help="exploration engine")
     p.add_argument("--lower", type=float, default=0.05, help="committee trust level (eV/Å)")
+    p.add_argument("--upper", type=float, default=2.0,
+                   help="selection.upper (eV/Å): frames above it are not labelled (committees; random ignores it; "
+                        "alflow's default is 0.5)")
     p.add_argument("--diversity", default="fps", choices=("fps", "none"),
                    help="selection.diversity of the committees: fps (farthest-point sampling among the candidates) or "
                         "none (the most uncertain first); random ignores it")

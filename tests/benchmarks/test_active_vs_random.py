@@ -62,8 +62,9 @@ def test_start_alloys_are_the_loops_structures(bench, tmp_path: Path) -> None:
     assert random.selection.strategy == "random" and random.committee.kind == "full"
 
 
-def test_start_compositions_reach_the_walkers(bench, tmp_path: Path) -> None:
-    """--start-compositions: the start cells (and so the initial set and every walker) at the given Ni fractions."""
+def test_start_compositions_and_upper_reach_the_run(bench, tmp_path: Path) -> None:
+    """--start-compositions: the start cells (and so the initial set and every walker) at the given Ni fractions;
+    --upper: selection.upper."""
     from alflow.config import config_from_dict
     from alflow.explore.runner import system_structures, walker_starts
 
@@ -73,6 +74,9 @@ def test_start_compositions_reach_the_walkers(bench, tmp_path: Path) -> None:
     assert [s.get_chemical_formula() for s in structures] == ["Cu16Ni16", "Cu24Ni8", "Cu8Ni24", "Cu16Ni16"]
     ni = sorted({round(float((a.numbers == 28).mean()), 2) for _, a, _, _ in walker_starts(config, structures)})
     assert ni[0] == 0.25 and ni[-1] >= 0.75  # the walkers explore the test set's compositions (x = 0.25 ... 0.75)
+    assert config.selection.upper == 2.0
+    narrow = bench.parse_args(["--quick", "--system", "cu", "--upper", "0.5"])
+    assert config_from_dict(bench.base_config(narrow, "cu", "committee", 0, tmp_path / "narrow")).selection.upper == 0.5
     bad = bench.parse_args(["--system", "cuni", "--start-compositions", "0.5", "1.5"])
     with pytest.raises(InputError, match="x_ni"):
         bench.base_config(bad, "cuni", "committee", 0, tmp_path / "bad")
