@@ -157,3 +157,18 @@ def test_random_from_another_results_folder(bench, tmp_path: Path, capsys: pytes
                        "--target", "0.05"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.05 |"))
     assert "30 ± [30–30] (1/1 reached)" in row and "| 1.50 |" in row  # other's random (30 labels), not mine's
+
+
+def test_breakdown_groups_by_composition_and_kind(bench) -> None:
+    """benchmarks/active_vs_random_breakdown.py: every test frame lands in one composition bin and one kind."""
+    spec = importlib.util.spec_from_file_location("avr_breakdown", ROOT / "benchmarks" / "active_vs_random_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    frames = []
+    for x, kind in [(0.25, "md"), (0.5, "strained"), (0.75, "vacancy"), (0.5, "md")]:
+        a = bench.alloy_cell(x, np.random.default_rng(1))
+        a.info["test_kind"] = kind
+        frames.append(a)
+    groups = module.groups_of(frames)
+    assert {k: len(v) for k, v in groups.items()} == {"x0.25": 1, "md": 2, "x0.5": 2, "strained": 1, "x0.75": 1,
+                                                      "vacancy": 1}
