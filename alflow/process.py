@@ -369,11 +369,15 @@ def guard(pid: int, *, interval: float = 0.5) -> subprocess.Popen:
     watchdog gets SIGTERM from the kernel when this process (the starting
     thread) dies, and also polls: parent gone, or ``pid`` replaced (start time),
     ends it. Stop the watchdog with :func:`stop` once the child is stopped.
+
+    The watchdog arms its parent-death signal itself, once its handler is in
+    place, then checks that its parent still lives: a parent killed while the
+    watchdog was still starting is noticed, not missed (armed before exec, the
+    SIGTERM used to kill a starting watchdog before it could act).
     """
     started = process_start_time(pid)
     args = python_module("alflow.process", "guard", str(pid), str(started or 0), str(os.getpid()), str(interval))
-    proc = start(args, death_signal=signal.SIGTERM, stdin=subprocess.DEVNULL)
-    return proc
+    return start(args, death_signal=None, stdin=subprocess.DEVNULL)
 
 
 def _guard_main(pid: int, started: int, parent: int, interval: float) -> int:
@@ -386,6 +390,7 @@ def _guard_main(pid: int, started: int, parent: int, interval: float) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, fire)
+    set_death_signal(signal.SIGTERM)  # armed only now that fire() handles it
     while alive(pid, started or None):
         if os.getppid() != parent:
             fire()

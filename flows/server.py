@@ -109,8 +109,8 @@ def prefect_api(run_dir: str | Path, timeout: float = 30.0,
     say(f"Prefect: temporary server on {server.api_url} (it stops with this run)")
     if process is not None and "process" not in guarded:
         guarded["process"] = process
+        guarded["watchdog"] = guard(process.pid)  # before the record: a recorded server is a guarded one
         record(pidfile, process.pid, f"prefect temporary server {server.api_url}")
-        guarded["watchdog"] = guard(process.pid)
     # Prefect stops the server at exit, after its log and event workers have drained into it; stopping it
     # here would lose the last log lines. Until then the watchdog kills it if this process dies.
     yield server.api_url

@@ -220,3 +220,25 @@ def test_sigterm_wrapped_by_a_library_still_exits_143(monkeypatch, capsys):
     monkeypatch.setattr(run_command, "_run", wrapped)
     assert run_command.run(argparse.Namespace()) == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1])
+def test_a_guarded_child_dies_when_the_parent_is_killed_while_its_watchdog_starts(tmp_path, delay):
+    """CI once saw the Prefect server survive: the parent was SIGKILLed right after ``guard()`` returned, and the
+    kernel's SIGTERM killed the watchdog before its handler was installed. Now the watchdog arms the signal itself."""
+    parent, info = _parent("""
+        import json, os, signal, subprocess, sys, time
+        from alflow.process import guard
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        watchdog = guard(child.pid)
+        print(json.dumps({"child": child.pid, "watchdog": watchdog.pid}), flush=True)
+        time.sleep(float(sys.argv[1]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, tmp_path, str(delay))
+    child = info["child"]
+    try:
+        parent.wait(10)
+        assert _gone_within(child, 5.0), f"guarded child {child} survived the SIGKILL {delay} s after guard()"
+        assert _gone_within(info["watchdog"], 5.0)
+    finally:
+        _cleanup(child, info["watchdog"], parent.pid)
