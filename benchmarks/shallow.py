@@ -3,6 +3,7 @@
     python benchmarks/shallow.py cost [--archs schnet painn] [--sizes 108 2048] [--repeats 3] [--threads 1]
     python benchmarks/shallow.py heads [--archs schnet painn] [--sizes 108 2048]
     python benchmarks/shallow.py md [--archs schnet painn] [--sizes 32 108] [--walkers 8] [--steps 100] [--stride 20]
+                                    [--engine batched|ase|ipi]
     python benchmarks/shallow.py calibration [--arch schnet] [--epochs 30] [--nll-epochs 20] [--seed 0]
 
 ``cost``: energy + forces of rattled fcc Cu (a = 3.61 Å, cutoff 5 Å, float32, default
@@ -94,17 +95,42 @@ def cost(archs: list[str], sizes: list[int], repeats: int) -> None:
                   f"| {best['full'] / t1:.2f}× |", flush=True)
 
 
+def _run_ipi(specs: list, model: torch.nn.Module, out: str, upper: float, progress: bool, device: str) -> None:
+    """The ``ipi`` engine: one i-PI server per walker, one ``alflow ipi-driver`` serving them all, the driver
+    computing a ``heads`` shallow committee's spread on recorded steps only (``sparse_spread``; an instance with
+    ``sparse_spread = False`` is run with ``--spread-stride 1``, every step)."""
+    from pathlib import Path
+
+    import potentials
+    from alflow.explore.ipi import IPIRunSpec, run_ipi_walkers
+    from alflow.explore.ipi_driver import StopRules
+
+    path = Path(out) / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    potentials.save(model, path)
+    ipi_specs = [IPIRunSpec(atoms=w.atoms, ensemble=w.ensemble, temperature=w.temperature, timestep=w.timestep,
+                            steps=w.steps, stride=w.stride, friction=w.friction, seed=w.seed + 1, name=w.name)
+                 for w in specs]
+    every_step = not getattr(model, "sparse_spread", True)
+    results = run_ipi_walkers(ipi_specs, path, out, rules=StopRules(upper=upper), device=device, wall_seconds=1800,
+                              spread_stride=1 if every_step else None)
+    bad = [r for r in results if r.status != "DONE"]
+    if bad:
+        raise RuntimeError(f"i-PI walker {bad[0].name}: {bad[0].status}: {bad[0].message}")
+
+
 def md_cost(archs: list[str], sizes: list[int], walkers: int, steps: int, stride: int, repeats: int,
             device: str, engine: str = "batched") -> None:
     """Langevin MD (600 K, 2 fs, ``walkers`` rattled Cu cells of ``size`` atoms, a frame every ``stride`` steps) in
-    the ``batched`` engine (``alflow.explore.batched.run_batched``) or the ``ase`` engine's lockstep walkers
-    (``alflow.explore.ase_md.run_walkers``): wall time per variant as multiples of one model's MD."""
+    the ``batched`` engine (``alflow.explore.batched.run_batched``), the ``ase`` engine's lockstep walkers
+    (``alflow.explore.ase_md.run_walkers``) or i-PI (one server per walker, one driver; :func:`_run_ipi`):
+    wall time per variant as multiples of one model's MD."""
     import tempfile
 
     from alflow.explore.ase_md import WalkerSpec, run_walkers
     from alflow.explore.batched import run_batched
 
-    run = run_batched if engine == "batched" else run_walkers
+    run = {"batched": run_batched, "ase": run_walkers, "ipi": _run_ipi}[engine]
     print(f"engine: {engine}")
 
     print(f"| arch | atoms × walkers | steps (stride) | one model (s) | shallow heads, spread on frames | "
@@ -270,7 +296,7 @@ def main() -> None:
     m.add_argument("--stride", type=int, default=20)
     m.add_argument("--repeats", type=int, default=2)
     m.add_argument("--device", default="cpu")
-    m.add_argument("--engine", default="batched", choices=("batched", "ase"))
+    m.add_argument("--engine", default="batched", choices=("batched", "ase", "ipi"))
     m.add_argument("--threads", type=int, default=1)
     k = sub.add_parser("calibration")
     k.add_argument("--arch", default="schnet")

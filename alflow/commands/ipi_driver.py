@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", action="append", default=None,
                         help="the walker's run directory, where stop.json/stop.extxyz and i-PI's EXIT file go when "
                              "a stop rule fires; once for all or once per --unix")
+    parser.add_argument("--spread-stride", type=int, action="append", default=None,
+                        help="MD steps between the steps whose committee spread i-PI records (its trajectories' "
+                             "stride): a shallow committee computes its heads' spread only there (default 1: every "
+                             "step); once for all or once per --unix")
     parser.add_argument("--upper", type=float, default=math.inf,
                         help="stop a walker UNCERTAIN after --patience steps above this max force deviation (eV/Å)")
     parser.add_argument("--patience", type=int, default=20, help="consecutive steps above --upper (default 20)")
@@ -52,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"alflow ipi-driver: --read-timeout: expected seconds >= 0 (0 waits forever), got {args.read_timeout}",
               file=sys.stderr)
         return 2
+    if args.spread_stride and min(args.spread_stride) < 1:
+        print(f"alflow ipi-driver: --spread-stride: expected MD steps >= 1, got {min(args.spread_stride)}",
+              file=sys.stderr)
+        return 2
     rules = StopRules(upper=args.upper, patience=args.patience, min_distance=args.min_distance)
     try:
         from alflow.devices import resolve_device
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return run_driver(args.model, args.structure, unix=args.unix, host=args.host or "localhost", port=args.port,
                           prefix=args.prefix, device=args.device, timeout=args.timeout,
                           connections=args.connections or 1, run_dir=args.run_dir, rules=rules, gather_s=args.gather,
-                          read_timeout=args.read_timeout or None)
+                          read_timeout=args.read_timeout or None, spread_stride=args.spread_stride or 1)
     except (FileNotFoundError, TimeoutError, ValueError) as exc:
         print(f"alflow ipi-driver: {exc}", file=sys.stderr)
         return 2

@@ -177,6 +177,7 @@ def write_input(spec: IPIRunSpec, run_dir: Path, address: str, wall_seconds: flo
     <trajectory filename='mom' stride='{spec.stride}' format='ase' cell_units='ase' bead='0'> momenta{{ase}} </trajectory>
     <trajectory filename='committee_pot' stride='{spec.stride}' extra_type='committee_pot' bead='0'> extras </trajectory>
     <trajectory filename='committee_force' stride='{spec.stride}' extra_type='committee_force' bead='0'> extras </trajectory>
+    <trajectory filename='force_deviation' stride='{spec.stride}' extra_type='committee_force_deviation' bead='0'> extras </trajectory>
   </output>
   <total_steps>{spec.steps}</total_steps>
   <total_time>{int(wall_seconds)}</total_time>
@@ -256,13 +257,14 @@ def _start_driver(args: list[str], cwd: Path, log: Any, env: dict[str, str], pid
 def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir: str | Path, *,
                     rules: StopRules | None = None, wall_seconds: float = 600.0, device: str = "auto",
                     start_timeout: float = 60.0, gather_s: float = 0.05,
-                    run_dirs: Sequence[str | Path] | None = None) -> list[WalkerResult]:
+                    run_dirs: Sequence[str | Path] | None = None, spread_stride: int | None = None) -> list[WalkerResult]:
     """Run every walker concurrently, each in its own i-PI server, all served by one driver process.
 
     Walker ``spec.name`` runs in ``out_dir/name`` (or ``run_dirs[i]``); one result per walker,
     in order; a walker's failure (its server exits with an error, never opens its socket) is its
     own. The whole run never outlives ``wall_seconds`` (+30 s grace): what still runs is TIMEOUT.
-    ``driver.log`` is written in ``out_dir``.
+    ``driver.log`` is written in ``out_dir``. ``spread_stride``: MD steps between the driver's committee
+    spreads (``alflow ipi-driver --spread-stride``); None: each walker's ``stride``, where i-PI records them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +314,8 @@ def run_ipi_walkers(specs: Sequence[IPIRunSpec], model_path: str | Path, out_dir
                     "--gather", repr(float(gather_s))]
             for w in serving:
                 args += ["--unix", w.address, "--structure", str((w.run_dir / "init.extxyz").resolve()),
-                         "--connections", str(w.spec.nbeads), "--run-dir", str(w.run_dir.resolve())]
+                         "--connections", str(w.spec.nbeads), "--run-dir", str(w.run_dir.resolve()),
+                         "--spread-stride", str(max(1, w.spec.stride if spread_stride is None else spread_stride))]
             logs.append(open(out_dir / "driver.log", "w"))
             driver = _start_driver(args, out_dir, logs[-1], env, pidfile)
             deadline = start + wall_seconds + 30.0
@@ -432,6 +435,8 @@ def parse_run(run_dir: str | Path, spec: IPIRunSpec) -> list[Atoms]:
     pots = read_extras(run_dir / "simulation.committee_pot_0") if (run_dir / "simulation.committee_pot_0").exists() else []
     forces = read_extras(run_dir / "simulation.committee_force_0") if (run_dir / "simulation.committee_force_0").exists() else []
     momenta = read(run_dir / "simulation.mom_0.extxyz", ":") if (run_dir / "simulation.mom_0.extxyz").exists() else []
+    deviation_file = run_dir / "simulation.force_deviation_0"  # the driver's own scores (since round two)
+    deviations = {int(step): rows.reshape(-1) for step, rows in read_extras(deviation_file)} if deviation_file.exists() else {}
     momenta_at = {int(step): m.arrays.get("momenta", m.positions) for (step, _), m in zip(pots, momenta)}  # ASE units
     frames = []
     for frame, (step, pot), (_, force) in zip(positions, pots, forces):
@@ -439,6 +444,13 @@ def parse_run(run_dir: str | Path, spec: IPIRunSpec) -> list[Atoms]:
         energies = pot.reshape(-1) * units.Hartree
         forces_comm = force.reshape(len(energies), n, 3) * units.Hartree / units.Bohr
         s = committee_scores(forces_comm, energies, n_atoms=n)
+        eps = deviations.get(int(step))
+        if eps is not None and eps.shape == (n,) and np.isfinite(eps).all():
+            # the model's calibrated per-atom score: equal to the members' force spread for a full committee or
+            # a shallow one with per-head forces, and the only one for a shallow committee in ``mean`` mode
+            s.update(force_deviation=eps, max_force_deviation=float(eps.max()) if n else 0.0)
+            if not np.ptp(forces_comm, axis=0).any():  # identical member forces: no per-component spread
+                s[keys.FORCES_VAR] = np.repeat(eps[:, None] ** 2 / 3.0, 3, axis=1)
         atoms = Atoms(numbers=spec.atoms.numbers, positions=frame.positions, cell=frame.cell, pbc=spec.atoms.pbc,
                       momenta=momenta_at.get(int(step)))
         scores = {**s, "energy": float(energies.mean()), "forces": forces_comm.mean(axis=0)}

@@ -28,7 +28,20 @@ vectors as columns (we transpose to ASE's rows) in i-PI's rotated, upper-triangu
 frame; forces and the virial (−V·σ, not the stress) are returned in that frame.
 The extras carry ``committee_pot`` (K energies, Ha), ``committee_force`` (K lists
 of 3N, Ha/Bohr) and ``committee_virial`` (K lists of 9, Ha) so that i-PI's
-``<ffcommittee parse_json="true">`` computes the committee uncertainty.
+``<ffcommittee parse_json="true">`` computes the committee uncertainty, and
+``force_deviation`` (N, eV/Å, calibrated: the model's own per-atom score, which i-PI
+records as ``committee_force_deviation``; a shallow committee in ``mean`` mode scores
+the heads' energy spread, which its identical member forces cannot show).
+
+Spread where it is read (``Target.spread_stride``): i-PI records the extras of the
+initial structure and of every ``stride``-th step after it, that is of evaluations 0,
+stride, 2·stride, … of each walker (one evaluation per bead and MD step). A shallow
+committee with per-head forces asks for its heads' spread only on those steps and
+answers the others with the mean forces at one model's cost (``committee_pot`` is
+still sent, ``committee_force`` / ``committee_virial`` are left out, so i-PI uses the
+mean; ``force_deviation`` is NaN and the stop rule keeps its last look). Give the
+stride of the i-PI input's trajectories (``alflow`` does); 1 (the default) computes
+it every step.
 """
 
 from __future__ import annotations
@@ -109,6 +122,7 @@ class Target:
     port: int | None = None
     prefix: str = DEFAULT_PREFIX
     connections: int = 1  # connections to open: one per bead lets i-PI send every bead at once
+    spread_stride: int = 1  # MD steps between the steps whose committee spread i-PI records (module docstring)
     run_dir: Path | None = None  # stop.json, stop.extxyz and the soft-exit file EXIT go here
     name: str = "ipi"
     # filled while serving
@@ -167,8 +181,13 @@ def _badness(r: dict[str, Any], min_distance: float, max_force: float) -> tuple[
     return (not finite, exploded, deviation if np.isfinite(deviation) else math.inf)
 
 
-def reply(r: dict[str, Any], cell_ase: np.ndarray, periodic: bool) -> tuple[float, np.ndarray, np.ndarray, bytes]:
-    """Energy (Ha), forces (N, 3 Ha/Bohr), virial (3x3 Ha, i-PI layout) and JSON extras of one evaluation."""
+def reply(r: dict[str, Any], cell_ase: np.ndarray, periodic: bool, members: bool = True
+          ) -> tuple[float, np.ndarray, np.ndarray, bytes]:
+    """Energy (Ha), forces (N, 3 Ha/Bohr), virial (3x3 Ha, i-PI layout) and JSON extras of one evaluation.
+
+    ``members=False``: the members' forces were not computed (a skipped spread): ``committee_force`` and
+    ``committee_virial`` are left out, so that i-PI's committee uses the mean forces and virial.
+    """
     volume = abs(np.linalg.det(cell_ase)) if periodic else 0.0
     stress = r["stress"] if r["stress"] is not None else np.zeros((3, 3))
     virial = -volume * stress  # eV
@@ -176,11 +195,13 @@ def reply(r: dict[str, Any], cell_ase: np.ndarray, periodic: bool) -> tuple[floa
     if "energies" in r:
         extras["committee_pot"] = (np.asarray(r["energies"]) / HARTREE).tolist()
         k = len(r["energies"])
-        extras["committee_force"] = (np.asarray(r["forces_comm"]) * BOHR / HARTREE).reshape(k, -1).tolist()
-        member_stress = r.get("stress_comm", np.zeros((k, 3, 3)))
-        member_virial = -volume * np.asarray(member_stress)
-        extras["committee_virial"] = (member_virial.transpose(0, 2, 1) / HARTREE).reshape(k, 9).tolist()
+        if members:
+            extras["committee_force"] = (np.asarray(r["forces_comm"]) * BOHR / HARTREE).reshape(k, -1).tolist()
+            member_stress = r.get("stress_comm", np.zeros((k, 3, 3)))
+            member_virial = -volume * np.asarray(member_stress)
+            extras["committee_virial"] = (member_virial.transpose(0, 2, 1) / HARTREE).reshape(k, 9).tolist()
         extras["max_force_deviation"] = r["max_force_deviation"]
+    extras["force_deviation"] = np.asarray(r.get("force_deviation", np.zeros(len(r["forces"]))), dtype=float).tolist()
     energy = r["energy"] / HARTREE
     forces = np.asarray(r["forces"]) * BOHR / HARTREE
     return energy, forces, virial / HARTREE, json.dumps(extras).encode()
@@ -228,17 +249,23 @@ class IPIDriver:
         """One committee call for every held structure; answers are stored per channel, stop rules applied."""
         held = [c for c in self.channels if c.pending is not None and not c.done]
         frames = []
+        seen: dict[int, int] = {}  # evaluations of each target in this batch so far (its beads)
+        spread = False
         for c in held:
             cell, positions = c.pending
             t = c.target.template
             frames.append(Atoms(numbers=t.numbers, positions=positions, cell=cell, pbc=t.pbc))
+            index = c.target.evaluations + seen.get(id(c.target), 0)
+            seen[id(c.target)] = seen.get(id(c.target), 0) + 1
+            spread = spread or (index // max(1, c.target.connections)) % max(1, c.target.spread_stride) == 0
+        members = spread or not getattr(self.evaluate, "sparse", False)  # the members' forces were computed
         try:
-            results: list[Any] = self.evaluate(frames)
+            results: list[Any] = self.evaluate(frames, spread=spread)
         except Exception:  # noqa: BLE001 - find the structure that fails; the others must not fail with it
             results = []
             for atoms in frames:
                 try:
-                    results.extend(self.evaluate([atoms]))
+                    results.extend(self.evaluate([atoms], spread=spread))
                 except Exception as exc:  # noqa: BLE001 - this walker's failure stays its own
                     results.append(exc)
         self.calls += 1
@@ -253,7 +280,7 @@ class IPIDriver:
                     self._stop(c.target, None, None, c.target.evaluations // max(1, c.target.connections),
                                "ERROR", f"the model failed on this walker's structure: {type(r).__name__}: {r}")
                 continue
-            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()))
+            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()), members=members)
             self._judge(c.target, atoms, r)
 
     def _judge(self, target: Target, atoms: Atoms, r: dict[str, Any]) -> None:
@@ -393,7 +420,8 @@ class IPIDriver:
         finally:
             for c in self.channels:
                 c.sock.close()
-            print(f"alflow ipi-driver: {self.steps} evaluations in {self.calls} committee calls "
+            print(f"alflow ipi-driver: {self.steps} evaluations in {self.calls} committee calls, "
+                  f"{self.evaluate.spread_calls} of them with the committee spread "
                   f"({len(self.targets)} server(s), {len(self.channels)} connection(s))", file=sys.stderr)
         return 1 if any(c.gone for c in self.channels) else 0
 
@@ -401,12 +429,14 @@ class IPIDriver:
 def run_driver(model_path: str | Path, structure: str | Path | list[str | Path], *, unix: str | list[str] | None = None,
                host: str = "localhost", port: int | None = None, prefix: str = DEFAULT_PREFIX, device: str = "auto",
                timeout: float = 60.0, connections: int | list[int] = 1, run_dir: str | Path | list[str | Path] | None = None,
-               rules: StopRules | None = None, gather_s: float = 0.05, read_timeout: float | None = READ_TIMEOUT) -> int:
+               rules: StopRules | None = None, gather_s: float = 0.05, read_timeout: float | None = READ_TIMEOUT,
+               spread_stride: int | list[int] = 1) -> int:
     """Load the model and templates, connect to every server, and serve until each sent EXIT; returns the exit code.
 
     ``unix`` may name several servers; ``structure``, ``connections`` and ``run_dir`` are
     then one value for all or one per server. ``read_timeout`` (s): a connected server that
     sends nothing for this long is given up (its connections end, exit code 1); None waits forever.
+    ``spread_stride``: the stride of each server's recorded committee extras (module docstring).
     """
     import potentials
     from alflow.explore.structures import read_structure
@@ -425,10 +455,15 @@ def run_driver(model_path: str | Path, structure: str | Path | list[str | Path],
     structures = per_server(structure, "--structure")
     counts = per_server(connections, "--connections")
     dirs = per_server(run_dir, "--run-dir")
+    strides = per_server(spread_stride, "--spread-stride")
+    for stride in strides:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"--spread-stride: expected a whole number of MD steps >= 1, got {stride!r}")
     templates = {str(s): read_structure(s) for s in structures}
     targets = [Target(template=templates[str(s)], unix=a, host=host, port=port, prefix=prefix, connections=int(k),
-                      run_dir=None if d is None else Path(d), name=Path(d).name if d is not None else (a or "ipi"))
-               for a, s, k, d in zip(addresses, structures, counts, dirs)]
+                      run_dir=None if d is None else Path(d), name=Path(d).name if d is not None else (a or "ipi"),
+                      spread_stride=stride)
+               for a, s, k, d, stride in zip(addresses, structures, counts, dirs, strides)]
     model = potentials.load(model_path, device=None if device == "auto" else device)
     if getattr(model, "architecture", None) == "mace":  # cuEquivariance kernels on CUDA, where installed
         from potentials.mace import maybe_cueq
