@@ -35,13 +35,14 @@ the heads' energy spread, which its identical member forces cannot show).
 
 Spread where it is read (``Target.spread_stride``): i-PI records the extras of the
 initial structure and of every ``stride``-th step after it, that is of evaluations 0,
-stride, 2·stride, … of each walker (one evaluation per bead and MD step). A shallow
-committee with per-head forces asks for its heads' spread only on those steps and
-answers the others with the mean forces at one model's cost (``committee_pot`` is
-still sent, ``committee_force`` / ``committee_virial`` are left out, so i-PI uses the
-mean; ``force_deviation`` is NaN and the stop rule keeps its last look). Give the
-stride of the i-PI input's trajectories (``alflow`` does); 1 (the default) computes
-it every step.
+stride, 2·stride, … of each walker (one evaluation per bead and MD step). Only those
+answers carry the members' forces and virials (``committee_force``,
+``committee_virial``: K × 3N numbers through JSON on both sides); the others carry
+``committee_pot`` and the scores, and i-PI uses the mean forces. A shallow committee
+with per-head forces also skips its heads' K backward passes there (mean forces at one
+model's cost; ``force_deviation`` is NaN and the stop rule keeps its last look). Give
+the stride of the i-PI input's trajectories (``alflow`` does); 1 (the default) sends
+everything every step.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class IPIDriver:
             index = c.target.evaluations + seen.get(id(c.target), 0)
             seen[id(c.target)] = seen.get(id(c.target), 0) + 1
             spread = spread or (index // max(1, c.target.connections)) % max(1, c.target.spread_stride) == 0
-        members = spread or not getattr(self.evaluate, "sparse", False)  # the members' forces were computed
+        members = spread  # the members' forces go to i-PI only where it records them: less JSON every other step
         try:
             results: list[Any] = self.evaluate(frames, spread=spread)
         except Exception:  # noqa: BLE001 - find the structure that fails; the others must not fail with it
