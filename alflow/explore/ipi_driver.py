@@ -186,8 +186,8 @@ def reply(r: dict[str, Any], cell_ase: np.ndarray, periodic: bool, members: bool
           ) -> tuple[float, np.ndarray, np.ndarray, bytes]:
     """Energy (Ha), forces (N, 3 Ha/Bohr), virial (3x3 Ha, i-PI layout) and JSON extras of one evaluation.
 
-    ``members=False``: the members' forces were not computed (a skipped spread): ``committee_force`` and
-    ``committee_virial`` are left out, so that i-PI's committee uses the mean forces and virial.
+    ``members=False`` (a step i-PI does not record): ``committee_force`` and ``committee_virial`` are left
+    out, so that i-PI's committee uses the mean forces and virial.
     """
     volume = abs(np.linalg.det(cell_ase)) if periodic else 0.0
     stress = r["stress"] if r["stress"] is not None else np.zeros((3, 3))
@@ -259,7 +259,6 @@ class IPIDriver:
             index = c.target.evaluations + seen.get(id(c.target), 0)
             seen[id(c.target)] = seen.get(id(c.target), 0) + 1
             spread = spread or (index // max(1, c.target.connections)) % max(1, c.target.spread_stride) == 0
-        members = spread  # the members' forces go to i-PI only where it records them: less JSON every other step
         try:
             results: list[Any] = self.evaluate(frames, spread=spread)
         except Exception:  # noqa: BLE001 - find the structure that fails; the others must not fail with it
@@ -281,7 +280,8 @@ class IPIDriver:
                     self._stop(c.target, None, None, c.target.evaluations // max(1, c.target.connections),
                                "ERROR", f"the model failed on this walker's structure: {type(r).__name__}: {r}")
                 continue
-            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()), members=members)
+            # the members' forces go to i-PI only where it records them: less JSON on the other steps
+            c.result = reply(r, atoms.cell.array, bool(atoms.pbc.all()), members=spread)
             self._judge(c.target, atoms, r)
 
     def _judge(self, target: Target, atoms: Atoms, r: dict[str, Any]) -> None:
@@ -459,7 +459,7 @@ def run_driver(model_path: str | Path, structure: str | Path | list[str | Path],
     strides = per_server(spread_stride, "--spread-stride")
     for stride in strides:
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"--spread-stride: expected a whole number of MD steps >= 1, got {stride!r}")
+            raise ValueError(f"--spread-stride: expected MD steps >= 1, got {stride!r}")
     templates = {str(s): read_structure(s) for s in structures}
     targets = [Target(template=templates[str(s)], unix=a, host=host, port=port, prefix=prefix, connections=int(k),
                       run_dir=None if d is None else Path(d), name=Path(d).name if d is not None else (a or "ipi"),
